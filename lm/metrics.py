@@ -1,0 +1,120 @@
+"""Where a run's numbers go: console (progress bar or plain lines), train.log, metrics.jsonl/.csv, TensorBoard.
+
+Every record carries `step` and `tokens_seen`. Records are flushed as they are written, because a sweep
+trial that the scheduler stops ends inside its report call and never reaches any cleanup code.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+CSV_FIELDS = [
+    "kind", "step", "tokens_seen", "train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
+    "val_loss", "val_perplexity", "best_val_loss",
+]  # fmt: skip
+
+
+class RunLogger:
+    """Writes log and eval records of one run into `out_dir` and to the console."""
+
+    def __init__(self, out_dir: Path, total_steps: int, progress: str = "auto", tensorboard: bool = True):
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(out_dir / "train.log", "a")  # noqa: SIM115 - closed in close()
+        self._jsonl = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        csv_path = out_dir / "metrics.csv"
+        new_csv = not csv_path.exists() or csv_path.stat().st_size == 0
+        self._csv_file = open(csv_path, "a", newline="")  # noqa: SIM115
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new_csv:
+            self._csv.writeheader()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self.info("tensorboard is not installed: no TensorBoard events written")
+        if progress == "auto":
+            progress = "bar" if sys.stderr.isatty() else "lines"
+        self.progress = progress
+        self._bar = None
+        if progress == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def info(self, message: str) -> None:
+        """A free-text line for the console and train.log."""
+        stamped = f"{time.strftime('%H:%M:%S')} {message}"
+        self._log.write(stamped + "\n")
+        self._log.flush()
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        elif self.progress != "off":
+            print(message, flush=True)
+
+    def record(self, kind: str, metrics: dict[str, Any]) -> None:
+        """A metrics record: kind "train" (log interval) or "eval"."""
+        row = {"kind": kind, **metrics}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        self._csv.writerow(row)
+        self._csv_file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if key not in ("step", "tokens_seen") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, global_step=metrics["tokens_seen"])
+            self._tb.flush()
+        if self._bar is not None:
+            self._bar.n = metrics["step"]
+            self._bar.set_postfix_str(_short(metrics), refresh=True)
+            if kind == "eval":
+                self._bar.write(_line(kind, metrics), file=sys.stderr)
+        else:
+            self._log_line(kind, metrics)
+
+    def _log_line(self, kind: str, metrics: dict[str, Any]) -> None:
+        line = _line(kind, metrics)
+        self._log.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+        self._log.flush()
+        if self.progress != "off":
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        for f in (self._log, self._jsonl, self._csv_file):
+            f.close()
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        if key == "lr":
+            return f"{key} {value:.2e}"
+        if key == "tokens_per_s":
+            return f"{value:,.0f} tok/s"
+        return f"{key} {value:.4f}"
+    return f"{key} {value}"
+
+
+def _line(kind: str, metrics: dict[str, Any]) -> str:
+    keys = (
+        ["train_loss", "lr", "grad_norm", "tokens_per_s"] if kind == "train" else ["val_loss", "val_perplexity"]
+    )
+    body = " | ".join(_fmt(k, metrics[k]) for k in keys if metrics.get(k) is not None)
+    return f"[{kind:5s}] step {metrics['step']:>6} | tokens {metrics['tokens_seen']:>11,} | {body}"
+
+
+def _short(metrics: dict[str, Any]) -> str:
+    keys = ("train_loss", "val_loss", "tokens_per_s")
+    return ", ".join(_fmt(k, metrics[k]) for k in keys if isinstance(metrics.get(k), float))

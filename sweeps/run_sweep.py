@@ -1,0 +1,294 @@
+"""Run a hyperparameter sweep: `python sweeps/run_sweep.py --space lr_sweep.yaml`.
+
+Validates the search space and the data before Ray starts (bad input: one line, exit 2), starts or joins
+a Ray cluster, runs the trials with Optuna/ASHA through `tune.Tuner`, prints one line per evaluation and a
+final table, and writes the results files (see sweeps/results.py). `--resume` continues an interrupted
+sweep of the same `--name`. Exit codes: 0 all trials ran, 1 some trials errored, 2 bad input,
+130 interrupted (resume it with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Set before Ray is imported anywhere: quiet, no usage stats, no warnings about frequent checkpoints.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: no tables
+
+import yaml  # noqa: E402
+
+from lm.config import ConfigError  # noqa: E402
+from lm.data import DataError  # noqa: E402
+from sweeps.space import SpaceError, SweepSpec, load_space  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPACE = "lr_sweep.yaml"
+SPEC_FILE = "sweep_space.yaml"  # the space as run (after --set), saved in the experiment directory
+META_FILE = "sweep_meta.json"
+
+
+class SweepInputError(ValueError):
+    """Bad command-line input detected before Ray starts (one-line message)."""
+
+
+def find_space(name: str) -> Path:
+    """A path as given, or a bare file name looked up in the project's search_spaces/."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p.resolve()
+    for candidate in (Path.cwd() / "search_spaces" / name, PROJECT_ROOT / "search_spaces" / name):
+        if candidate.is_file():
+            return candidate.resolve()
+    return p  # load_space reports it missing, naming the path
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (path, or a name in search_spaces/)")
+    ap.add_argument("--name", help="experiment name (default: the space's name)")
+    ap.add_argument("--storage-path", default="sweep_results",
+                    help="local directory or pyarrow URI (s3://bucket/sweeps) for trial results and checkpoints")
+    ap.add_argument("--address", default=None,
+                    help="existing Ray cluster: 'auto', host:port or ray://host:10001 (also RAY_ADDRESS)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
+    ap.add_argument("--num-samples", type=int, help="override num_samples")
+    ap.add_argument("--max-concurrent", type=int, help="override search.max_concurrent_trials")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the space (search.seed=1, stop.max_tokens=1e6) or fix a config field "
+                         "(train.compile=true)")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--quiet", action="store_true", help="no per-result lines")
+    return ap.parse_args(argv)  # fmt: skip
+
+
+def storage_root(text: str) -> tuple[str, Path | None]:
+    """(storage path for Ray, local directory or None for a URI); local paths are made absolute and must
+    be writable."""
+    if "://" in text:
+        return text, None
+    path = Path(text).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise SweepInputError(f"{path}: --storage-path is not writable ({e.strerror})") from None
+    return str(path), path
+
+
+def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
+    """Everything that can fail on bad input, before Ray: (spec, storage, local experiment dir, name)."""
+    sets = list(args.set)
+    if args.num_samples is not None:
+        sets.append(f"num_samples={args.num_samples}")
+    if args.max_concurrent is not None:
+        sets.append(f"search.max_concurrent_trials={args.max_concurrent}")
+    storage, local_root = storage_root(args.storage_path)
+    results_root = local_root or (Path.cwd() / "sweep_results").resolve()
+    if args.resume:
+        if not args.name:
+            raise SweepInputError("--resume needs --name (the sweep to continue)")
+        exp_dir = results_root / args.name
+        saved = exp_dir / SPEC_FILE
+        if local_root is not None and not (exp_dir.is_dir() and saved.is_file()):
+            raise SweepInputError(f"{exp_dir}: --resume: no sweep named '{args.name}' there")
+        spec = load_space(saved if saved.is_file() else find_space(args.space), sets)
+        return spec, storage, exp_dir, args.name
+    spec = load_space(find_space(args.space), sets)
+    name = args.name or spec.name
+    exp_dir = results_root / name
+    if local_root is not None and (exp_dir / META_FILE).exists():
+        raise SweepInputError(f"{exp_dir}: a sweep named '{name}' exists: --resume it or choose another --name")
+    # The data every trial reads: open and check it now (and build the built-in corpus once, here).
+    from lm.train import open_data
+
+    open_data(spec.trial_config({}))
+    return spec, storage, exp_dir, name
+
+
+def save_spec(spec: SweepSpec, exp_dir: Path, name: str, command: list[str]) -> None:
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    raw = dict(spec.raw)
+    if spec.base_config_path is not None:
+        raw["base_config"] = str(spec.base_config_path)
+    raw["name"] = name
+    (exp_dir / SPEC_FILE).write_text(yaml.safe_dump(raw, sort_keys=False))
+    meta = {
+        "name": name,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "swept": spec.swept_params,
+        "max_tokens": spec.total_tokens,
+        "base_config": spec.trial_config({}).to_dict(),
+        "command": command,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (exp_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def start_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except Exception as e:  # Ray raises ConnectionError, AuthenticationError, RuntimeError...
+            hint = ""
+            if "auth" in type(e).__name__.lower() or "token" in str(e).lower():
+                hint = (" (Ray 2.60 clusters use token authentication: set RAY_AUTH_MODE=token and the token, "
+                        "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as on the head node)")  # fmt: skip
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SweepInputError(f"--address {address}: cannot connect to the Ray cluster: {first}{hint}") from None
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **common)
+
+
+def gpus_per_trial(spec: SweepSpec) -> float:
+    import ray
+
+    if spec.gpu != "auto":
+        return float(spec.gpu)
+    visible = ray.cluster_resources().get("GPU", 0)
+    if visible < 1:
+        print("resources_per_trial.gpu: auto -> 0 (no GPU visible to Ray): trials run on CPU", flush=True)
+        return 0.0
+    return 1.0
+
+
+def make_callback(spec: SweepSpec, quiet: bool):
+    from ray import tune
+
+    swept = spec.swept_params
+
+    def describe(config: dict[str, Any]) -> str:
+        parts = []
+        for key in swept:
+            value = config.get(key)
+            short = key.split(".")[-1]
+            parts.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
+        return " ".join(parts)
+
+    class ConsoleLines(tune.Callback):
+        """One line per evaluation and per trial end, instead of Ray's tables."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if quiet:
+                return
+            mark = " DIVERGED" if result.get("diverged") else ""
+            val = result.get("val_loss")
+            val_text = f"{val:.4f}" if isinstance(val, float) else str(val)
+            print(f"{time.strftime('%H:%M:%S')} {trial.trial_id} | tokens {result.get('tokens_seen', 0):>11,} | "
+                  f"val_loss {val_text}{mark} | {describe(trial.config)}", flush=True)  # fmt: skip
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            print(f"{time.strftime('%H:%M:%S')} {trial.trial_id} finished at {last.get('tokens_seen', 0):,} tokens "
+                  f"(best val_loss {last.get('best_val_loss')})", flush=True)  # fmt: skip
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"{time.strftime('%H:%M:%S')} {trial.trial_id} ERROR (see results for the message)", flush=True)
+
+    return ConsoleLines()
+
+
+def run(args: argparse.Namespace) -> int:
+    spec, storage, exp_dir, name = prepare(args)
+    if not args.resume:
+        save_spec(spec, exp_dir, name, [sys.executable, *sys.argv])
+    from ray import tune
+
+    from sweeps.results import load_sweep, print_table, write_results
+    from sweeps.space import param_space, scheduler, search_algorithm
+    from sweeps.trainable import train_trial
+
+    start_ray(args.address, args.num_cpus)
+    try:
+        import ray
+
+        gpu = gpus_per_trial(spec)
+        threads = max(1, int(spec.cpu))
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, spec=spec, threads=threads, gpu=gpu),
+            {"cpu": spec.cpu, "gpu": gpu},
+        )
+        total_cpus = ray.cluster_resources().get("CPU", 1)
+        max_conc = spec.max_concurrent_trials or max(1, int(total_cpus // spec.cpu))
+        run_config = tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=spec.num_to_keep,
+                checkpoint_score_attribute=spec.metric,
+                checkpoint_score_order=spec.mode,
+            ),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            callbacks=[make_callback(spec, args.quiet)],
+            verbose=0,
+        )
+        exp_path = f"{storage.rstrip('/')}/{name}"
+        if args.resume:
+            if not tune.Tuner.can_restore(exp_path):
+                raise SweepInputError(f"{exp_path}: --resume: no restorable sweep state there")
+            print(f"resuming sweep '{name}' from {exp_path}", flush=True)
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        else:
+            print(f"sweep '{name}': {spec.num_samples} trials ({spec.algorithm}/{spec.scheduler}), up to {max_conc} "
+                  f"at once, {spec.cpu:g} CPU + {gpu:g} GPU each, {spec.total_tokens:,} tokens per trial; "
+                  f"results in {exp_path}", flush=True)  # fmt: skip
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(spec),
+                tune_config=tune.TuneConfig(
+                    metric=spec.metric,
+                    mode=spec.mode,
+                    search_alg=search_algorithm(spec),
+                    scheduler=scheduler(spec),
+                    num_samples=spec.num_samples,
+                    max_concurrent_trials=max_conc,
+                    reuse_actors=True,
+                ),
+                run_config=run_config,
+            )
+        results = tuner.fit()
+    finally:
+        import ray
+
+        ray.shutdown()
+    sweep = load_sweep(exp_dir if exp_dir.exists() else exp_path, result_grid=results)
+    write_results(sweep, exp_dir)
+    print_table(sweep)
+    unfinished = sweep.dataframe["status"].isin(["pending", "running", "paused"]).sum()
+    if unfinished:
+        print(f"interrupted with {unfinished} trials unfinished: resume with\n  python sweeps/run_sweep.py "
+              f"--name {name} --storage-path {args.storage_path} --resume", flush=True)  # fmt: skip
+        return 130
+    errors = int((sweep.dataframe["status"] == "error").sum())
+    print(f"results: {exp_dir} (summary.md, results.csv, plots/)", flush=True)
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except (SpaceError, ConfigError, DataError, SweepInputError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

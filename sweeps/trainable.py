@@ -1,0 +1,90 @@
+"""The Ray Tune trainable: a thin adapter that runs `lm.train.train` for one trial.
+
+trial config = the sweep's base config + the sampled overrides. Each evaluation of the loop writes a
+training-state checkpoint and calls our reporter, which hands metrics and checkpoint to `tune.report`.
+A restarted trial (worker killed, driver resumed) continues from `tune.get_checkpoint()`.
+Only `tune.*` calls are used here: `ray.train.report` fails a Tune trial in Ray 2.60.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Heavy imports at module level: with reused actors they are paid once per worker, not once per trial.
+import ray
+import torch  # noqa: F401
+from ray import tune
+
+from lm.config import Config
+from lm.train import train
+from sweeps.space import SweepSpec
+
+STATE_FILE = "state.pt"  # the training state inside each Ray checkpoint directory
+
+
+def trial_config(spec: SweepSpec, sampled: dict[str, Any], trial_dir: Path, gpu: float, threads: int) -> Config:
+    """The sweep's base config + sampled overrides, with this trial's device, threads and output dir."""
+    config = spec.trial_config(sampled)
+    overrides: dict[str, Any] = {
+        "train.out_dir": str(trial_dir / "run"),
+        "train.device": "cuda" if gpu > 0 else "cpu",  # Ray set CUDA_VISIBLE_DEVICES to this trial's share
+        "train.progress": "off",  # the driver prints one line per result
+        "train.tensorboard": False,  # Ray's own result files cover the sweep
+    }
+    if config.train.num_threads is None:
+        overrides["train.num_threads"] = threads
+    return config.replace(overrides, source="trial")
+
+
+def train_trial(sampled: dict[str, Any], spec: SweepSpec, threads: int, gpu: float) -> None:
+    """Function trainable: `sampled` is the searcher's config for this trial (dotted config paths)."""
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    config = trial_config(spec, sampled, trial_dir, gpu, threads)
+    _check_data_here(config)
+
+    resume_from = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        # Copy the state out: the checkpoint directory may be a temporary download that goes away.
+        with checkpoint.as_directory() as d:
+            resume_from = trial_dir / "resume_state.pt"
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(d) / STATE_FILE, resume_from)
+
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def report(metrics: dict[str, Any], checkpoint_path: Path | None) -> None:
+        metrics = {**metrics, "node_id": node_id}
+        if checkpoint_path is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="lm-ckpt-") as d:
+            _link_or_copy(checkpoint_path, Path(d) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    summary = train(config, reporter=report, resume_from=resume_from)
+    if summary["diverged"]:
+        return  # the loop already reported the diverged result
+    if summary["final_val_loss"] is None:
+        raise RuntimeError(f"trial ended without an evaluation: {summary}")
+
+
+def _check_data_here(config: Config) -> None:
+    """On a cluster every node needs the data files: fail with a clear message where they are missing."""
+    for key, value in (("data.train_path", config.data.train_path), ("data.val_path", config.data.val_path)):
+        if value is not None and not os.path.exists(value):
+            raise FileNotFoundError(
+                f"{value}: {key} does not exist on node {ray.get_runtime_context().get_node_id()[:12]} "
+                f"(on a cluster, data paths must exist on every node: a shared filesystem or a copy on each)"
+            )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # free when on the same filesystem; Ray copies the directory into storage
+    except OSError:
+        shutil.copyfile(src, dst)
