@@ -27,7 +27,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, out: str | os.PathLike | BinaryIO
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    iteration: int,
+    out: str | os.PathLike | BinaryIO,
 ) -> None:
     """CS336: write model and optimizer state and the iteration to a path (atomically) or a file object."""
     _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration}, out)
@@ -65,7 +68,9 @@ def read_checkpoint(src: str | os.PathLike | BinaryIO) -> dict[str, Any]:
             f"{name}: not a readable checkpoint (truncated or foreign file: {type(e).__name__})"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "iteration" not in state:
-        raise CheckpointError(f"{name}: not an lm-sweeps/CS336 checkpoint (no 'model' and 'iteration' entries)")
+        raise CheckpointError(
+            f"{name}: not an lm-sweeps/CS336 checkpoint (no 'model' and 'iteration' entries)"
+        )
     state["model"] = strip_compile_prefix(state["model"])
     return state
 

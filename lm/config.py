@@ -168,7 +168,9 @@ class Config:
         """Learning rate for optimizer step `step` (0-based); the cosine ends exactly at the last step."""
         from lm.optim import get_lr_cosine_schedule
 
-        return get_lr_cosine_schedule(step, self.optimizer.lr, self.min_lr, self.warmup_steps, self.total_steps - 1)
+        return get_lr_cosine_schedule(
+            step, self.optimizer.lr, self.min_lr, self.warmup_steps, self.total_steps - 1
+        )
 
     def interval_steps(self, steps: int | None, tokens: int | None) -> int | None:
         """An interval in steps from one given in tokens (wins) or steps; None if neither is set."""
@@ -186,7 +188,9 @@ class Config:
         for key, value in overrides.items():
             section, _, name = key.partition(".")
             if section not in data or not name or name not in data[section]:
-                raise ConfigError(f"{source}: unknown config field '{key}' (known: {', '.join(field_paths())})")
+                raise ConfigError(
+                    f"{source}: unknown config field '{key}' (known: {', '.join(field_paths())})"
+                )
             data[section][name] = value
         return Config.from_dict(data, source=source)
 
@@ -194,7 +198,9 @@ class Config:
     def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         """Build and validate from nested dicts; missing fields take their defaults."""
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping with sections {list(SECTIONS)}, got {type(data).__name__}")
+            raise ConfigError(
+                f"{source}: expected a mapping with sections {list(SECTIONS)}, got {type(data).__name__}"
+            )
         sections = {}
         for key, value in data.items():
             if key not in SECTIONS:
@@ -216,8 +222,10 @@ class Config:
             text = path.read_text()
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (yaml.YAMLError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                              f"{' '.join(str(e).split())}") from None
+            raise ConfigError(
+                f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                f"{' '.join(str(e).split())}"
+            ) from None
         config = Config.from_dict(data or {}, source=str(path))
         return config.replace(overrides, source=str(path)) if overrides else config
 
@@ -277,17 +285,27 @@ class Config:
             if not 0 <= value < 1:
                 fail(key, "a number in [0, 1)", value)
         if o.eps < 0 or o.weight_decay < 0:
-            fail("optimizer.eps" if o.eps < 0 else "optimizer.weight_decay", "a non-negative number",
-                 min(o.eps, o.weight_decay))
+            fail(
+                "optimizer.eps" if o.eps < 0 else "optimizer.weight_decay",
+                "a non-negative number",
+                min(o.eps, o.weight_decay),
+            )
         if o.grad_clip is not None and o.grad_clip <= 0:
             fail("optimizer.grad_clip", "a positive number or null", o.grad_clip)
         if not 0 <= o.warmup_fraction < 1:
             fail("optimizer.warmup_fraction", "a number in [0, 1)", o.warmup_fraction)
         if self.total_steps < 1:
-            fail("train.max_tokens", f"at least one step of batch_size * context_length = {self.tokens_per_step} "
-                 "tokens", t.max_tokens)
+            fail(
+                "train.max_tokens",
+                f"at least one step of batch_size * context_length = {self.tokens_per_step} tokens",
+                t.max_tokens,
+            )
         if o.warmup_iters is not None and not 0 <= o.warmup_iters < self.total_steps:
-            fail("optimizer.warmup_iters", f"an integer in [0, total steps = {self.total_steps})", o.warmup_iters)
+            fail(
+                "optimizer.warmup_iters",
+                f"an integer in [0, total steps = {self.total_steps})",
+                o.warmup_iters,
+            )
         if t.divergence_loss is not None and t.divergence_loss <= 0:
             fail("train.divergence_loss", "a positive number or null", t.divergence_loss)
         if d.train_path is not None and d.val_path is None:
@@ -390,7 +408,9 @@ def parse_override_args(args: list[str]) -> dict[str, str]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"command line: unexpected argument {arg!r} (overrides look like --optimizer.lr 3e-4)")
+            raise ConfigError(
+                f"command line: unexpected argument {arg!r} (overrides look like --optimizer.lr 3e-4)"
+            )
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):

@@ -12,12 +12,21 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 CSV_FIELDS = [
-    "kind", "step", "tokens_seen", "train_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
-    "val_loss", "val_perplexity", "best_val_loss",
-]  # fmt: skip
+    "kind",
+    "step",
+    "tokens_seen",
+    "train_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "elapsed_s",
+    "val_loss",
+    "val_perplexity",
+    "best_val_loss",
+]
 
 
 class RunLogger:
@@ -70,7 +79,11 @@ class RunLogger:
         self._csv_file.flush()
         if self._tb is not None:
             for key, value in metrics.items():
-                if key not in ("step", "tokens_seen") and isinstance(value, (int, float)) and math.isfinite(value):
+                if (
+                    key not in ("step", "tokens_seen")
+                    and isinstance(value, (int, float))
+                    and math.isfinite(value)
+                ):
                     self._tb.add_scalar(f"{kind}/{key}", value, global_step=metrics["tokens_seen"])
             self._tb.flush()
         if self._bar is not None:
@@ -109,7 +122,9 @@ def _fmt(key: str, value: Any) -> str:
 
 def _line(kind: str, metrics: dict[str, Any]) -> str:
     keys = (
-        ["train_loss", "lr", "grad_norm", "tokens_per_s"] if kind == "train" else ["val_loss", "val_perplexity"]
+        ["train_loss", "lr", "grad_norm", "tokens_per_s"]
+        if kind == "train"
+        else ["val_loss", "val_perplexity"]
     )
     body = " | ".join(_fmt(k, metrics[k]) for k in keys if metrics.get(k) is not None)
     return f"[{kind:5s}] step {metrics['step']:>6} | tokens {metrics['tokens_seen']:>11,} | {body}"

@@ -236,7 +236,17 @@ class TransformerLM(nn.Module):
         self.token_embeddings = Embedding(vocab_size, d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
             TransformerBlock(
-                d_model, num_heads, d_ff, context_length, rope_theta, device, dtype, norm, pos_emb, ffn, attention
+                d_model,
+                num_heads,
+                d_ff,
+                context_length,
+                rope_theta,
+                device,
+                dtype,
+                norm,
+                pos_emb,
+                ffn,
+                attention,
             )
             for _ in range(num_layers)
         )

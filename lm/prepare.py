@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from lm.tokenizer import (
     Tokenizer,
@@ -86,10 +87,9 @@ def inspect_text_file(path: str | os.PathLike) -> dict[str, Any]:
                 bad = offset - pending + e.start
                 raise PrepareError(f"{path}: not valid UTF-8 (byte offset {bad})") from None
             offset += len(block)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise PrepareError(f"{path}: not valid UTF-8 (truncated character at the end)") from None
+    pending = len(decoder.getstate()[0])
+    if pending:
+        raise PrepareError(f"{path}: not valid UTF-8 (byte offset {size - pending}: incomplete character)")
     return {"path": str(path.resolve()), "bytes": size, "sha256": digest.hexdigest()}
 
 
@@ -115,8 +115,9 @@ def _load_reused_tokenizer(tokenizer_dir: Path, specials: list[str]) -> tuple[To
             pass  # not one of ours: use no special tokens
     try:
         tok = Tokenizer.from_files(files["vocab.json"], files["merges.txt"], specials)
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
-        raise PrepareError(f"{tokenizer_dir}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        detail = " ".join(f"{type(e).__name__}: {e}".split())  # keep the message on one line
+        raise PrepareError(f"{tokenizer_dir}: cannot load the tokenizer ({detail})") from None
     sources = {
         f"tokenizer_{name.split('.')[0]}": {"path": str(p.resolve()), "sha256": _hash_file(p)}
         for name, p in files.items()
@@ -186,8 +187,6 @@ def encode_to_npy(
     num_chunks = max(4 * workers, -(-(end - start) // ENCODE_CHUNK_BYTES))
     bounds = find_chunk_boundaries(path, num_chunks, tok.special_tokens, start, end)
     tasks = [(path, a, b, dtype) for a, b in zip(bounds, bounds[1:], strict=False)]
-
-    from tqdm import tqdm
 
     count, max_id = 0, -1
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
@@ -312,6 +311,10 @@ def prepare(
         tok, tok_sources = _load_reused_tokenizer(Path(tokenizer_dir), specials)
         specials = tok.special_tokens
         sources.update(tok_sources)
+        if vocab_size is not None and vocab_size != max(tok.vocab) + 1:
+            raise PrepareError(
+                f"--vocab-size {vocab_size} disagrees with the {max(tok.vocab) + 1} tokens of {tokenizer_dir}"
+            )
     else:
         tok = None
         if vocab_size is None:
@@ -332,7 +335,6 @@ def prepare(
         _log(f"{out_dir}: up to date (same inputs and arguments); nothing to do", progress)
         return existing
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     train_path = sources["train"]["path"]
     train_range = (0, sources["train"]["bytes"])
     if val_input is not None:
@@ -348,6 +350,7 @@ def prepare(
         train_range, val_path, val_range = (0, cut), train_path, (cut, size)
         meta["split"] = {"train_bytes": list(train_range), "val_bytes": list(val_range)}
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     if tok is None:
         _log(f"training a {vocab_size}-token BPE tokenizer on {train_range[1]:,} bytes", progress)
         vocab, merges = train_bpe(
@@ -359,6 +362,8 @@ def prepare(
             progress=progress,
         )
         tok = Tokenizer(vocab, merges, specials)
+        if len(vocab) < vocab_size:
+            _log(f"the text ran out of pairs to merge: the vocabulary has {len(vocab)} tokens", progress)
     tok.save(out_dir / "vocab.json", out_dir / "merges.txt")
 
     vocab_len = max(tok.vocab) + 1

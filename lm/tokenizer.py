@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer, compatible with the CS336 assignment interface.
+r"""Byte-level BPE tokenizer, compatible with the CS336 assignment interface.
 
 * :func:`train_bpe` learns a vocabulary and merge list from a UTF-8 text file.
 * :class:`Tokenizer` encodes text to ids and decodes ids back to text.
@@ -15,12 +15,13 @@ every token's bytes are mapped to a printable string with GPT-2's ``bytes_to_uni
 Pre-tokenization uses the GPT-2 regex. Text is first split on special tokens, which are never split or merged;
 when special tokens overlap, the longest one wins.
 
-The place where a text may be cut without changing its encoding is central to the parallel and streaming code:
-a position is *safe* if no special-token occurrence spans it and it is either the start of a special token or
-a transition from a non-whitespace character to a whitespace character. At such a transition every
-pre-tokenizer alternative has already stopped (no alternative continues from a non-whitespace character into
-whitespace, and none looks further than the next character), and the pattern has no look-behind, so the text
-on each side pre-tokenizes exactly as it does inside the whole.
+Where a text may be cut without changing its encoding is central to the parallel and streaming code. A
+position is *safe* if no special-token occurrence spans it and it is either the start of a special token or a
+pre-token boundary that follows a non-whitespace character, such as any transition from a non-whitespace to a
+whitespace character (no alternative continues from non-whitespace into whitespace). The pattern has no
+look-behind, so the right side pre-tokenizes as it does inside the whole; on the left side, ending the text
+right after a non-whitespace character changes no pre-token, because the only alternative that behaves
+differently at the end of the text is the whitespace look-ahead ``\s+(?!\S)``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _PRETOKEN_RE = regex.compile(GPT2_PRETOKEN_PATTERN)
 
 # Rightmost non-whitespace -> whitespace transition (see the module docstring for why it is a safe cut).
 _LAST_WS_TRANSITION_RE = regex.compile(r"(?r)(?<=\S)(?=\s)")
+_WS_RE = regex.compile(r"\s")
 # The same transition at the byte level, restricted to ASCII so that both bytes are whole characters.
 _BYTES_WS_TRANSITION = rb"(?<=[\x21-\x7e])(?=[ \t\n\r])"
 
@@ -117,7 +119,7 @@ def _special_alternation(special_tokens: Iterable[str]) -> str | None:
 
 def _spans_special_occurrence(data: bytes, pos: int, specials: list[bytes]) -> bool:
     """True if some occurrence of a special token in ``data`` starts before ``pos`` and ends after it."""
-    return any(data.find(s, pos - len(s) + 1, pos + len(s) - 1) != -1 for s in specials if len(s) > 1)
+    return any(data.find(s, max(0, pos - len(s) + 1), pos + len(s) - 1) != -1 for s in specials if len(s) > 1)
 
 
 def _next_safe_cut(
@@ -598,14 +600,16 @@ class Tokenizer:
         m = _LAST_WS_TRANSITION_RE.search(buf, seg_start, hold)
         if m is not None and m.start() > seg_start:
             return m.start()
-        # No whitespace: cut before a pre-token that starts at least 3 characters before ``hold``. No
-        # pre-tokenizer alternative looks further than 3 characters from a pre-token's start or 1 past its
-        # end, so the pre-tokens before the cut are final.
+        # No such transition (so the text is at most one run of whitespace and one of non-whitespace): cut
+        # at a pre-token boundary that follows a non-whitespace character. Boundaries are taken from the
+        # pre-tokens of buf[seg_start:hold], which agree with the whole text's except for those starting in
+        # the last 3 characters (a contraction such as "'ll" is decided by 3 characters).
         cut = seg_start
         for pm in _PRETOKEN_RE.finditer(buf, seg_start, hold):
             if pm.start() > hold - 3:
                 break
-            cut = pm.start()
+            if pm.start() > seg_start and not _WS_RE.match(buf, pm.start() - 1):
+                cut = pm.start()
         return cut
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:

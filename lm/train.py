@@ -42,7 +42,7 @@ Reporter = Callable[[dict[str, Any], Path | None], None]
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu; anything else is passed to torch.device."""
+    """ "auto" -> cuda if available, else mps, else cpu; anything else is passed to torch.device."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -84,11 +84,15 @@ def open_data(config: Config) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, config: Config, device, autocast) -> float:
+def evaluate(
+    model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, config: Config, device, autocast
+) -> float:
     """Mean cross-entropy (nats/token) over the fixed validation windows."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in validation_batches(val, starts, config.model.context_length, config.data.val_batch_size, device):
+    for x, y in validation_batches(
+        val, starts, config.model.context_length, config.data.val_batch_size, device
+    ):
         with autocast():
             loss = model(x, y)
         total += loss.item() * y.numel()
@@ -97,7 +101,9 @@ def evaluate(model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, config
     return total / count
 
 
-def _every(step: int, tokens: int, tokens_per_step: int, steps_interval: int | None, tokens_interval: int | None):
+def _every(
+    step: int, tokens: int, tokens_per_step: int, steps_interval: int | None, tokens_interval: int | None
+):
     """True at the first step at or past each multiple of the interval (tokens win over steps)."""
     if tokens_interval is not None:
         return tokens // tokens_interval > (tokens - tokens_per_step) // tokens_interval
@@ -118,7 +124,9 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def train(config: Config, reporter: Reporter | None = None, resume_from: str | Path | None = None) -> dict[str, Any]:
+def train(
+    config: Config, reporter: Reporter | None = None, resume_from: str | Path | None = None
+) -> dict[str, Any]:
     """Train `config` to its token budget and return a summary dict.
 
     `resume_from`: a training-state checkpoint (continues bit for bit: model, optimizer, step, batch
@@ -145,7 +153,9 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
     random.seed(t.seed)
     model = TransformerLM.from_config(config.model, device=device)
     o = config.optimizer
-    optimizer = AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = AdamW(
+        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+    )
     sampler = BatchSampler(train_tokens, config.data.batch_size, config.model.context_length, seed=t.seed)
     step, tokens_seen, best_val = 0, 0, math.inf
     if resume_state is not None:
@@ -154,7 +164,9 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
             optimizer.load_state_dict(resume_state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
-            raise CheckpointError(f"{resume_from}: does not fit this model/optimizer config ({first})") from None
+            raise CheckpointError(
+                f"{resume_from}: does not fit this model/optimizer config ({first})"
+            ) from None
         step = int(resume_state["iteration"])
         if is_training_state(resume_state):
             tokens_seen = int(resume_state["tokens_seen"])
@@ -232,7 +244,9 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
             train_time += time.perf_counter() - step_start
 
             do_log = step % t.log_interval == 0 or step == total_steps
-            do_eval = step == total_steps or _every(step, tokens_seen, tps, eval_every_steps, t.eval_interval_tokens)
+            do_eval = step == total_steps or _every(
+                step, tokens_seen, tps, eval_every_steps, t.eval_interval_tokens
+            )
             if do_log or do_eval:
                 # .item() syncs with the device: only at log/eval steps, never every step.
                 train_loss = loss.item()
@@ -274,6 +288,7 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
                     "lr": lr,
                     "elapsed_s": time.perf_counter() - started,
                     "train_time_s": train_time,
+                    "final_eval": step == total_steps,  # lets a sweep tell "ran to the end" from "stopped"
                 }
                 logger.record("eval", metrics)
                 if improved:
@@ -305,14 +320,24 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
             "entropy_floor": floor,
             "elapsed_s": elapsed,
             "train_time_s": train_time,
-            "tokens_per_s": (tokens_seen - (resume_state or {}).get("tokens_seen", 0)) / max(train_time, 1e-9),
+            "tokens_per_s": (tokens_seen - (resume_state or {}).get("tokens_seen", 0))
+            / max(train_time, 1e-9),
             "out_dir": str(out_dir),
         }
         if diverged_at is not None and reporter is not None:
             penalty = t.divergence_loss if t.divergence_loss is not None else 1e4
             # Reported as the ceiling (>= every loss a healthy run can report), so schedulers rank it last.
-            reporter({"step": step, "tokens_seen": tokens_seen, "val_loss": float(penalty), "diverged": True,
-                      "diverged_step": diverged_at, "best_val_loss": summary["best_val_loss"]}, None)
+            reporter(
+                {
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "val_loss": float(penalty),
+                    "diverged": True,
+                    "diverged_step": diverged_at,
+                    "best_val_loss": summary["best_val_loss"],
+                },
+                None,
+            )
         logger.info(_summary_line(summary))
         return summary
     finally:
@@ -321,7 +346,9 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
 
 def _summary_line(summary: dict[str, Any]) -> str:
     if summary["diverged"]:
-        return f"DIVERGED at step {summary['diverged_step']}; last good checkpoint kept in {summary['out_dir']}"
+        return (
+            f"DIVERGED at step {summary['diverged_step']}; last good checkpoint kept in {summary['out_dir']}"
+        )
     line = f"done: {summary['steps']} steps, {summary['tokens_seen']:,} tokens"
     if summary["final_val_loss"] is not None:
         line += f" | val loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f})"
@@ -358,7 +385,9 @@ def config_from_cli(args: list[str]) -> tuple[Config, str | None]:
     if resume_from is not None:
         saved = read_checkpoint(resume_from).get("config")
         if saved is not None:
-            return Config.from_dict(saved, source=str(resume_from)).replace(overrides, "command line"), resume_from
+            return Config.from_dict(saved, source=str(resume_from)).replace(
+                overrides, "command line"
+            ), resume_from
     return Config().replace(overrides, "command line"), resume_from
 
 

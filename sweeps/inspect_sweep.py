@@ -1,6 +1,6 @@
 """Print a sweep's table and rebuild its results files (results.csv/.parquet, plots, summary.md, best/).
 
-    python sweeps/inspect_sweep.py sweep_results/lr_sweep [--top 10] [--no-write]
+python sweeps/inspect_sweep.py sweep_results/lr_sweep [--top 10] [--no-write]
 """
 
 from __future__ import annotations

@@ -41,7 +41,9 @@ def _numeric(series) -> bool:
 
 
 def _log_scale(values) -> bool:
-    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], float)
+    v = np.asarray(
+        [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], float
+    )
     return len(v) > 0 and (v > 0).all() and v.max() / v.min() > 20
 
 
@@ -82,11 +84,16 @@ def _curves(sweep: Sweep, key, path: Path) -> Path:
 def _best_vs_param(sweep: Sweep, key: str, path: Path) -> Path:
     df = sweep.dataframe
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for status, marker, colour in (("completed", "o", "tab:blue"), ("stopped_early", "s", "tab:gray"),
-                                   ("diverged", "x", "red")):  # fmt: skip
+    for status, marker, colour in (
+        ("completed", "o", "tab:blue"),
+        ("stopped_early", "s", "tab:gray"),
+        ("diverged", "x", "red"),
+    ):
         part = df[(df["status"] == status) & df["best_val_loss"].notna()]
         if not part.empty:
-            ax.scatter(part[key], part["best_val_loss"], marker=marker, color=colour, label=status.replace("_", " "))
+            ax.scatter(
+                part[key], part["best_val_loss"], marker=marker, color=colour, label=status.replace("_", " ")
+            )
     if _log_scale(df[key]):
         ax.set_xscale("log")
     ax.set_xlabel(key)

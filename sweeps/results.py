@@ -76,7 +76,11 @@ class Sweep:
     @property
     def best_checkpoint(self) -> Path | None:
         row = self.best_row
-        return None if row is None or not isinstance(row["best_checkpoint"], str) else Path(row["best_checkpoint"])
+        return (
+            None
+            if row is None or not isinstance(row["best_checkpoint"], str)
+            else Path(row["best_checkpoint"])
+        )
 
 
 def load_sweep(path: str | Path, result_grid: Any = None) -> Sweep:
@@ -112,7 +116,6 @@ def _trial_row(trial: Any, result: Any, meta: dict[str, Any]) -> tuple[dict[str,
     config = result.config or {}
     last = result.metrics or {}
     hist = result.metrics_dataframe
-    max_tokens = config.get("train.max_tokens", meta.get("max_tokens"))
     row: dict[str, Any] = {"trial_id": trial.trial_id, "trial_number": _trial_number(trial.trial_id)}
     for key in meta.get("swept", []):
         row[key] = config.get(key)
@@ -124,8 +127,9 @@ def _trial_row(trial: Any, result: Any, meta: dict[str, Any]) -> tuple[dict[str,
     row["diverged"] = bool(last.get("diverged", False))
     row["diverged_step"] = last.get("diverged_step") if row["diverged"] else None
     row["error"] = _error_message(result.error) if result.error is not None else None
+    # A trial that ended cleanly before its last step's evaluation was stopped by the scheduler.
     row["stopped_early"] = bool(
-        trial.status == "TERMINATED" and not row["diverged"] and max_tokens and row["tokens_seen"] < max_tokens
+        trial.status == "TERMINATED" and not row["diverged"] and not last.get("final_eval")
     )
     row["status"] = _status(trial.status, row)
     row["time_s"] = float(last.get("time_total_s", math.nan) or math.nan)
@@ -148,9 +152,20 @@ def _trial_row(trial: Any, result: Any, meta: dict[str, Any]) -> tuple[dict[str,
 
 
 _HISTORY_COLUMNS = (
-    "step", "tokens_seen", "train_loss", "val_loss", "val_perplexity", "best_val_loss", "lr", "elapsed_s",
-    "train_time_s", "diverged", "training_iteration", "time_total_s", "node_id",
-)  # fmt: skip
+    "step",
+    "tokens_seen",
+    "train_loss",
+    "val_loss",
+    "val_perplexity",
+    "best_val_loss",
+    "lr",
+    "elapsed_s",
+    "train_time_s",
+    "diverged",
+    "training_iteration",
+    "time_total_s",
+    "node_id",
+)
 
 
 def _trial_number(trial_id: str) -> int:
@@ -219,12 +234,25 @@ def summary_markdown(sweep: Sweep, out: Path, top: int = 10) -> str:
     floor = _entropy_floor(sweep)
     best = sweep.best_row
     if best is not None:
-        lines += ["", "## Best trial", "", f"`{best['trial_id']}`: best {sweep.metric} **{best['best_val_loss']:.4f}**"
-                  + (f" (entropy floor of the built-in data {floor:.4f} nats/token)" if floor else "")]  # fmt: skip
+        lines += [
+            "",
+            "## Best trial",
+            "",
+            f"`{best['trial_id']}`: best {sweep.metric} **{best['best_val_loss']:.4f}**"
+            + (f" (entropy floor of the built-in data {floor:.4f} nats/token)" if floor else ""),
+        ]
         for key in sweep.swept:
             lines.append(f"- `{key}` = {_fmt(best[key])}")
-        lines += ["", f"Checkpoint: `{sweep.best_checkpoint}`", "", "Continue training it:", "",
-                  "```", continue_command(sweep, out), "```"]  # fmt: skip
+        lines += [
+            "",
+            f"Checkpoint: `{sweep.best_checkpoint}`",
+            "",
+            "Continue training it:",
+            "",
+            "```",
+            continue_command(sweep, out),
+            "```",
+        ]
     lines += ["", f"## Top {min(top, len(df))}", ""]
     cols = ["trial_id", "status", *sweep.swept, "best_val_loss", "final_val_loss", "tokens_seen"]
     ranked = df.sort_values("best_val_loss", ascending=sweep.mode == "min", na_position="last").head(top)
@@ -275,7 +303,9 @@ def print_table(sweep: Sweep, top: int = 20) -> None:
         return
     cols = ["trial_id", "status", *sweep.swept, "best_val_loss", "tokens_seen"]
     ranked = df.sort_values("best_val_loss", ascending=sweep.mode == "min", na_position="last").head(top)
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format
+    ):
         print(ranked[cols].to_string(index=False))
     best = sweep.best_row
     if best is not None:

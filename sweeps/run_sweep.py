@@ -51,23 +51,40 @@ def find_space(name: str) -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (path, or a name in search_spaces/)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    ap.add_argument(
+        "--space", default=DEFAULT_SPACE, help="search-space YAML (path, or a name in search_spaces/)"
+    )
     ap.add_argument("--name", help="experiment name (default: the space's name)")
-    ap.add_argument("--storage-path", default="sweep_results",
-                    help="local directory or pyarrow URI (s3://bucket/sweeps) for trial results and checkpoints")
-    ap.add_argument("--address", default=None,
-                    help="existing Ray cluster: 'auto', host:port or ray://host:10001 (also RAY_ADDRESS)")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument(
+        "--storage-path",
+        default="sweep_results",
+        help="local directory or pyarrow URI (s3://bucket/sweeps) for trial results and checkpoints",
+    )
+    ap.add_argument(
+        "--address",
+        default=None,
+        help="existing Ray cluster: 'auto', host:port or ray://host:10001 (also RAY_ADDRESS)",
+    )
+    ap.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)"
+    )
     ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
     ap.add_argument("--num-samples", type=int, help="override num_samples")
     ap.add_argument("--max-concurrent", type=int, help="override search.max_concurrent_trials")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override the space (search.seed=1, stop.max_tokens=1e6) or fix a config field "
-                         "(train.compile=true)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the space (search.seed=1, stop.max_tokens=1e6) or fix a config field "
+        "(train.compile=true)",
+    )
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("--quiet", action="store_true", help="no per-result lines")
-    return ap.parse_args(argv)  # fmt: skip
+    return ap.parse_args(argv)
 
 
 def storage_root(text: str) -> tuple[str, Path | None]:
@@ -108,7 +125,9 @@ def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
     name = args.name or spec.name
     exp_dir = results_root / name
     if local_root is not None and (exp_dir / META_FILE).exists():
-        raise SweepInputError(f"{exp_dir}: a sweep named '{name}' exists: --resume it or choose another --name")
+        raise SweepInputError(
+            f"{exp_dir}: a sweep named '{name}' exists: --resume it or choose another --name"
+        )
     # The data every trial reads: open and check it now (and build the built-in corpus once, here).
     from lm.train import open_data
 
@@ -147,10 +166,14 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
         except Exception as e:  # Ray raises ConnectionError, AuthenticationError, RuntimeError...
             hint = ""
             if "auth" in type(e).__name__.lower() or "token" in str(e).lower():
-                hint = (" (Ray 2.60 clusters use token authentication: set RAY_AUTH_MODE=token and the token, "
-                        "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as on the head node)")  # fmt: skip
+                hint = (
+                    " (Ray 2.60 clusters use token authentication: set RAY_AUTH_MODE=token and the token, "
+                    "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as on the head node)"
+                )
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SweepInputError(f"--address {address}: cannot connect to the Ray cluster: {first}{hint}") from None
+            raise SweepInputError(
+                f"--address {address}: cannot connect to the Ray cluster: {first}{hint}"
+            ) from None
     else:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **common)
 
@@ -189,16 +212,25 @@ def make_callback(spec: SweepSpec, quiet: bool):
             mark = " DIVERGED" if result.get("diverged") else ""
             val = result.get("val_loss")
             val_text = f"{val:.4f}" if isinstance(val, float) else str(val)
-            print(f"{time.strftime('%H:%M:%S')} {trial.trial_id} | tokens {result.get('tokens_seen', 0):>11,} | "
-                  f"val_loss {val_text}{mark} | {describe(trial.config)}", flush=True)  # fmt: skip
+            print(
+                f"{time.strftime('%H:%M:%S')} {trial.trial_id} | tokens {result.get('tokens_seen', 0):>11,} | "
+                f"val_loss {val_text}{mark} | {describe(trial.config)}",
+                flush=True,
+            )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
-            print(f"{time.strftime('%H:%M:%S')} {trial.trial_id} finished at {last.get('tokens_seen', 0):,} tokens "
-                  f"(best val_loss {last.get('best_val_loss')})", flush=True)  # fmt: skip
+            print(
+                f"{time.strftime('%H:%M:%S')} {trial.trial_id} finished at {last.get('tokens_seen', 0):,} tokens "
+                f"(best val_loss {last.get('best_val_loss')})",
+                flush=True,
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"{time.strftime('%H:%M:%S')} {trial.trial_id} ERROR (see results for the message)", flush=True)
+            print(
+                f"{time.strftime('%H:%M:%S')} {trial.trial_id} ERROR (see results for the message)",
+                flush=True,
+            )
 
     return ConsoleLines()
 
@@ -244,9 +276,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"resuming sweep '{name}' from {exp_path}", flush=True)
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         else:
-            print(f"sweep '{name}': {spec.num_samples} trials ({spec.algorithm}/{spec.scheduler}), up to {max_conc} "
-                  f"at once, {spec.cpu:g} CPU + {gpu:g} GPU each, {spec.total_tokens:,} tokens per trial; "
-                  f"results in {exp_path}", flush=True)  # fmt: skip
+            print(
+                f"sweep '{name}': {spec.num_samples} trials ({spec.algorithm}/{spec.scheduler}), up to {max_conc} "
+                f"at once, {spec.cpu:g} CPU + {gpu:g} GPU each, {spec.total_tokens:,} tokens per trial; "
+                f"results in {exp_path}",
+                flush=True,
+            )
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(spec),
@@ -271,8 +306,11 @@ def run(args: argparse.Namespace) -> int:
     print_table(sweep)
     unfinished = sweep.dataframe["status"].isin(["pending", "running", "paused"]).sum()
     if unfinished:
-        print(f"interrupted with {unfinished} trials unfinished: resume with\n  python sweeps/run_sweep.py "
-              f"--name {name} --storage-path {args.storage_path} --resume", flush=True)  # fmt: skip
+        print(
+            f"interrupted with {unfinished} trials unfinished: resume with\n  python sweeps/run_sweep.py "
+            f"--name {name} --storage-path {args.storage_path} --resume",
+            flush=True,
+        )
         return 130
     errors = int((sweep.dataframe["status"] == "error").sum())
     print(f"results: {exp_dir} (summary.md, results.csv, plots/)", flush=True)

@@ -32,9 +32,19 @@ import yaml
 from lm.config import Config, ConfigError, coerce, field_paths, field_type
 
 TOP_LEVEL = {
-    "name", "base_config", "metric", "search", "scheduler", "num_samples", "resources_per_trial", "stop",
-    "checkpoint", "max_failures", "parameters", "description",
-}  # fmt: skip
+    "name",
+    "base_config",
+    "metric",
+    "search",
+    "scheduler",
+    "num_samples",
+    "resources_per_trial",
+    "stop",
+    "checkpoint",
+    "max_failures",
+    "parameters",
+    "description",
+}
 DISTRIBUTIONS = ("log_uniform_values", "uniform", "q_uniform", "int_uniform", "values", "value")
 PARAM_KEYS = {"distribution", "min", "max", "q", "values", "value"}
 ALGORITHMS = ("optuna", "random", "grid")
@@ -152,7 +162,9 @@ def _apply_set(raw: dict[str, Any], item: str, src: str) -> None:
         raw["parameters"] = params
         param, _, attr = rest.rpartition(".")
         if param not in params:
-            raise SpaceError(f"--set {item}: no parameter '{param}' in {src} (to fix a config field use --set {rest}=...)")
+            raise SpaceError(
+                f"--set {item}: no parameter '{param}' in {src} (to fix a config field use --set {rest}=...)"
+            )
         params[param][attr] = value
     elif head in TOP_LEVEL:
         target = raw
@@ -167,7 +179,9 @@ def _apply_set(raw: dict[str, Any], item: str, src: str) -> None:
         raw["parameters"] = raw["parameters"] or {}
         raw["parameters"][key] = {"value": value}
     else:
-        raise SpaceError(f"--set {item}: unknown key '{key}' (a sweep setting or a config field such as optimizer.lr)")
+        raise SpaceError(
+            f"--set {item}: unknown key '{key}' (a sweep setting or a config field such as optimizer.lr)"
+        )
 
 
 def _section(raw: dict, key: str, src: str, allowed: set[str]) -> dict[str, Any]:
@@ -214,7 +228,9 @@ def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise SpaceError(f"{src}: name: expected letters, digits, '-', '_' or '.', got {name!r}")
 
-    base_path = _resolve_base(raw["base_config"], src, spec_dir) if raw.get("base_config") is not None else None
+    base_path = (
+        _resolve_base(raw["base_config"], src, spec_dir) if raw.get("base_config") is not None else None
+    )
     try:
         base = Config.from_file(base_path) if base_path else Config()
     except ConfigError as e:
@@ -237,8 +253,13 @@ def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None
     if sampler not in SAMPLERS:
         raise SpaceError(f"{src}: search.sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
     seed = _number(search.get("seed", 0), f"{src}: search.seed", int, allow_none=True)
-    max_conc = _number(search.get("max_concurrent_trials"), f"{src}: search.max_concurrent_trials", int,
-                       positive=True, allow_none=True)  # fmt: skip
+    max_conc = _number(
+        search.get("max_concurrent_trials"),
+        f"{src}: search.max_concurrent_trials",
+        int,
+        positive=True,
+        allow_none=True,
+    )
 
     sched = _section(raw, "scheduler", src, {"type", "time_attr", "grace_period", "reduction_factor"})
     sched_type = sched.get("type", "asha")
@@ -246,33 +267,42 @@ def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None
         raise SpaceError(f"{src}: scheduler.type: expected one of {list(SCHEDULERS)}, got {sched_type!r}")
     time_attr = sched.get("time_attr", "tokens_seen")
     if time_attr not in ("tokens_seen", "step", "training_iteration"):
-        raise SpaceError(f"{src}: scheduler.time_attr: expected tokens_seen, step or training_iteration, "
-                         f"got {time_attr!r}")  # fmt: skip
+        raise SpaceError(
+            f"{src}: scheduler.time_attr: expected tokens_seen, step or training_iteration, got {time_attr!r}"
+        )
     grace = _number(sched.get("grace_period", 200_000), f"{src}: scheduler.grace_period", int, positive=True)
     rf = _number(sched.get("reduction_factor", 3), f"{src}: scheduler.reduction_factor", float, positive=True)
     if rf <= 1:
         raise SpaceError(f"{src}: scheduler.reduction_factor: expected a number > 1, got {rf!r}")
 
-    num_samples = _number(raw.get("num_samples", 1 if algorithm == "grid" else 8), f"{src}: num_samples", int,
-                          positive=True)  # fmt: skip
+    num_samples = _number(
+        raw.get("num_samples", 1 if algorithm == "grid" else 8), f"{src}: num_samples", int, positive=True
+    )
     res = _section(raw, "resources_per_trial", src, {"cpu", "gpu"})
     cpu = _number(res.get("cpu", 1), f"{src}: resources_per_trial.cpu", float, positive=True)
     gpu = res.get("gpu", 0)
     if gpu != "auto":
         gpu = _number(gpu, f"{src}: resources_per_trial.gpu", float)
         if gpu < 0 or (gpu > 1 and not float(gpu).is_integer()):
-            raise SpaceError(f"{src}: resources_per_trial.gpu: expected 0, a fraction in (0, 1], a whole number "
-                             f"or \"auto\", got {res['gpu']!r}")  # fmt: skip
+            raise SpaceError(
+                f"{src}: resources_per_trial.gpu: expected 0, a fraction in (0, 1], a whole number "
+                f'or "auto", got {res["gpu"]!r}'
+            )
 
     stop = _section(raw, "stop", src, {"max_tokens", "divergence_loss"})
-    max_tokens = _number(stop.get("max_tokens"), f"{src}: stop.max_tokens", int, positive=True, allow_none=True)
-    div = _number(stop.get("divergence_loss"), f"{src}: stop.divergence_loss", float, positive=True,
-                  allow_none=True)  # fmt: skip
+    max_tokens = _number(
+        stop.get("max_tokens"), f"{src}: stop.max_tokens", int, positive=True, allow_none=True
+    )
+    div = _number(
+        stop.get("divergence_loss"), f"{src}: stop.divergence_loss", float, positive=True, allow_none=True
+    )
     ckpt = _section(raw, "checkpoint", src, {"num_to_keep"})
     num_to_keep = _number(ckpt.get("num_to_keep", 2), f"{src}: checkpoint.num_to_keep", int, positive=True)
     max_failures = _number(raw.get("max_failures", 2), f"{src}: max_failures", int)
     if max_failures < -1:
-        raise SpaceError(f"{src}: max_failures: expected an integer >= 0 (or -1 for unlimited), got {max_failures}")
+        raise SpaceError(
+            f"{src}: max_failures: expected an integer >= 0 (or -1 for unlimited), got {max_failures}"
+        )
 
     params_raw = raw.get("parameters") or {}
     if not isinstance(params_raw, dict):
@@ -282,12 +312,30 @@ def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None
         raise SpaceError(f"{src}: parameters: search.algorithm grid needs at least one 'values' axis")
 
     spec = SweepSpec(
-        source=src, name=name, base_config_path=base_path, base_config=base, metric=metric_name,
-        mode="min" if goal in ("minimize", "min") else "max", algorithm=algorithm, sampler=sampler, seed=seed,
-        max_concurrent_trials=max_conc, scheduler=sched_type, time_attr=time_attr, grace_period=grace,
-        reduction_factor=rf, num_samples=num_samples, cpu=cpu, gpu=gpu, max_tokens=max_tokens,
-        divergence_loss=div, num_to_keep=num_to_keep, max_failures=max_failures, params=params, raw=raw,
-    )  # fmt: skip
+        source=src,
+        name=name,
+        base_config_path=base_path,
+        base_config=base,
+        metric=metric_name,
+        mode="min" if goal in ("minimize", "min") else "max",
+        algorithm=algorithm,
+        sampler=sampler,
+        seed=seed,
+        max_concurrent_trials=max_conc,
+        scheduler=sched_type,
+        time_attr=time_attr,
+        grace_period=grace,
+        reduction_factor=rf,
+        num_samples=num_samples,
+        cpu=cpu,
+        gpu=gpu,
+        max_tokens=max_tokens,
+        divergence_loss=div,
+        num_to_keep=num_to_keep,
+        max_failures=max_failures,
+        params=params,
+        raw=raw,
+    )
     _check_params_build(spec)
     return spec
 
@@ -297,8 +345,10 @@ def _parse_param(path: str, spec: Any, src: str, algorithm: str) -> Param:
     if path not in field_paths():
         raise SpaceError(f"{where}: not a config field (known: {', '.join(field_paths())})")
     if not isinstance(spec, dict):
-        raise SpaceError(f"{where}: expected a mapping like {{distribution: uniform, min: 0, max: 1}} or "
-                         f"{{values: [...]}} or {{value: x}}, got {spec!r}")  # fmt: skip
+        raise SpaceError(
+            f"{where}: expected a mapping like {{distribution: uniform, min: 0, max: 1}} or "
+            f"{{values: [...]}} or {{value: x}}, got {spec!r}"
+        )
     for k in spec:
         if k not in PARAM_KEYS:
             raise SpaceError(f"{where}.{k}: unknown key (expected one of {sorted(PARAM_KEYS)})")
@@ -312,16 +362,22 @@ def _parse_param(path: str, spec: Any, src: str, algorithm: str) -> Param:
 
     if "value" in spec:
         if len(spec) > 1:
-            raise SpaceError(f"{where}: 'value' (a constant) cannot be combined with {sorted(set(spec) - {'value'})}")
+            raise SpaceError(
+                f"{where}: 'value' (a constant) cannot be combined with {sorted(set(spec) - {'value'})}"
+            )
         return Param(path, "value", values=[typed(spec["value"], "value")])
     dist = spec.get("distribution", "values" if "values" in spec else None)
     if dist == "log_uniform":
-        raise SpaceError(f"{where}.distribution: 'log_uniform' takes log-space bounds in W&B; use "
-                         f"log_uniform_values with min/max given as values (e.g. min: 1.0e-4, max: 3.0e-2)")
+        raise SpaceError(
+            f"{where}.distribution: 'log_uniform' takes log-space bounds in W&B; use "
+            f"log_uniform_values with min/max given as values (e.g. min: 1.0e-4, max: 3.0e-2)"
+        )
     if dist == "grid":
         if algorithm != "grid":
-            raise SpaceError(f"{where}.distribution: grid axes need search.algorithm: grid (got {algorithm}); "
-                             f"with {algorithm} use 'values' for a categorical choice")
+            raise SpaceError(
+                f"{where}.distribution: grid axes need search.algorithm: grid (got {algorithm}); "
+                f"with {algorithm} use 'values' for a categorical choice"
+            )
         dist = "values"
     if dist not in DISTRIBUTIONS:
         raise SpaceError(f"{where}.distribution: expected one of {list(DISTRIBUTIONS)}, got {dist!r}")
@@ -339,7 +395,9 @@ def _parse_param(path: str, spec: Any, src: str, algorithm: str) -> Param:
             raise SpaceError(f"{where}.{key}: required for distribution {dist}")
     kind = int if dist == "int_uniform" else float
     if _base_type(annotation) not in (int, float):
-        raise SpaceError(f"{where}.distribution: {dist} draws numbers, but {path} is not numeric; use 'values'")
+        raise SpaceError(
+            f"{where}.distribution: {dist} draws numbers, but {path} is not numeric; use 'values'"
+        )
     lo = _number(spec["min"], f"{where}.min", kind)
     hi = _number(spec["max"], f"{where}.max", kind)
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
@@ -389,8 +447,10 @@ def _check_params_build(spec: SweepSpec) -> None:
             try:
                 spec.trial_config({p.path: v})
             except ConfigError as e:
-                raise SpaceError(f"{spec.source}: parameters.{p.path}: value {v!r} gives an invalid config: "
-                                 f"{str(e).split(': ', 1)[-1]}") from None  # fmt: skip
+                raise SpaceError(
+                    f"{spec.source}: parameters.{p.path}: value {v!r} gives an invalid config: "
+                    f"{str(e).split(': ', 1)[-1]}"
+                ) from None
 
 
 def data_overrides(spec: SweepSpec) -> dict[str, str]:

@@ -725,13 +725,17 @@ def test_mha_rope_matches_reference(attention, positions):
         pos = None
         out = attn(x)
     elif positions == "1d":
-        pos = torch.arange(MHA_S) + 5
+        # Irregular positions: RoPE scores only see relative offsets, so a constant shift would be invisible.
+        pos = torch.randperm(32)[:MHA_S].sort().values
         out = attn(x, token_positions=pos)
     else:
-        pos = torch.stack([torch.arange(MHA_S) + off for off in (0, 3, 17)])
+        pos = torch.stack([torch.randperm(32)[:MHA_S].sort().values for _ in range(b)])  # differ per row
         out = attn(x, pos)
     assert out.shape == x.shape
     close(out, ref_mha(x, *_mha_weights(attn), MHA_H, theta=THETA, positions=pos))
+    if pos is not None:
+        # The positions matter: default positions give a different result.
+        assert not torch.allclose(out, attn(x), atol=1e-4, rtol=1e-4)
 
 
 def test_mha_sdpa_and_reference_paths_agree_with_grads():

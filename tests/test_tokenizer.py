@@ -37,7 +37,26 @@ def random_text(rng: random.Random, pieces: list[str], n: int) -> str:
 
 # Pieces chosen to hit every pre-tokenizer alternative and its edge cases: contractions ("'ll" cut after
 # "'l"), runs of spaces and newlines before words, digits, punctuation, multi-byte letters and emoji.
-TRICKY = ["a", "b", "ll", "s", "'", "'ll", "'s", " ", "  ", "\n", "\n\n", "\t", "1", "23", "!", "?!", "é", "日本"]
+TRICKY = [
+    "a",
+    "b",
+    "ll",
+    "s",
+    "'",
+    "'ll",
+    "'s",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "1",
+    "23",
+    "!",
+    "?!",
+    "é",
+    "日本",
+]
 TRICKY += ["😀", "👩‍👩‍👧", " the", " cat", "ate"]
 
 
@@ -291,9 +310,20 @@ def test_chunk_boundaries_do_not_change_the_encoding(tmp_path: Path, specials: l
         assert [i for ids in pieces_ids for i in ids] == whole
 
 
+def test_chunk_boundaries_never_cut_inside_a_special_token(tmp_path: Path) -> None:
+    # A special token that contains spaces, right at the start of the file and repeated.
+    text = "x y z x y\nx y x y x yy z"
+    path = write(tmp_path, text)
+    bounds = find_chunk_boundaries(path, len(text), ["x y"])
+    inside = {start + k for start in range(len(text)) if text.startswith("x y", start) for k in (1, 2)}
+    assert len(bounds) > 3 and not inside & set(bounds)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for the peak RSS")
 def test_encode_iterable_streams_a_large_file_in_bounded_memory(trained: Tokenizer, tmp_path: Path) -> None:
-    # Measured in a fresh interpreter that loads only lm/tokenizer.py (not torch), from its peak RSS: the
-    # whole 6 MB text would need far more than the bound (the text itself, plus ~40 bytes per token id).
+    # Measured in a fresh interpreter that loads only lm/tokenizer.py (not torch), from the growth of its
+    # peak RSS (VmHWM; ru_maxrss would include this pytest process's peak, inherited across fork/exec).
+    # Encoding the whole 6 MB text at once afterwards is the control that the measurement works.
     trained.save(tmp_path / "vocab.json", tmp_path / "merges.txt")
     rng = random.Random(3)
     chunk = story_corpus(rng, 300) + EOT
@@ -301,29 +331,39 @@ def test_encode_iterable_streams_a_large_file_in_bounded_memory(trained: Tokeniz
     with open(big, "w", encoding="utf-8") as f:
         for _ in range(6_000_000 // len(chunk) + 1):
             f.write(chunk)
+    module_path = Path(__file__).parents[1] / "lm" / "tokenizer.py"
     script = textwrap.dedent(
-        f"""
-        import importlib.util, resource, sys
-        spec = importlib.util.spec_from_file_location("tokenizer", {str(Path(__file__).parents[1] / "lm" / "tokenizer.py")!r})
+        """
+        import importlib.util, re, sys
+        module_path, vocab, merges, special, big = sys.argv[1:]
+
+        def peak_rss() -> int:
+            with open("/proc/self/status") as f:
+                return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1)) * 1024
+
+        spec = importlib.util.spec_from_file_location("tokenizer", module_path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        tok = mod.Tokenizer.from_files({str(tmp_path / "vocab.json")!r}, {str(tmp_path / "merges.txt")!r}, [{EOT!r}])
-        with open({str(big)!r}, encoding="utf-8") as f:
-            sample = f.read(1 << 16)
-        tok.encode(sample)  # warm the pre-token cache and the allocator
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        n = 0
-        with open({str(big)!r}, encoding="utf-8") as f:
-            for _ in tok.encode_iterable(f):
-                n += 1
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(n, (after - before) * 1024)
+        tok = mod.Tokenizer.from_files(vocab, merges, [special])
+        with open(big, encoding="utf-8") as f:
+            tok.encode(f.read(1 << 16))  # warm the pre-token cache and the allocator
+        before = peak_rss()
+        with open(big, encoding="utf-8") as f:
+            n = sum(1 for _ in tok.encode_iterable(f))
+        streamed = peak_rss()
+        with open(big, encoding="utf-8") as f:
+            assert len(tok.encode(f.read())) == n
+        print(n, streamed - before, peak_rss() - before)
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    n_tokens, grown = map(int, out.stdout.split())
+    args = [module_path, tmp_path / "vocab.json", tmp_path / "merges.txt", EOT, big]
+    out = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, check=True
+    )
+    n_tokens, streamed, whole = map(int, out.stdout.split())
     assert n_tokens > 1_000_000
-    assert grown < 4_000_000, f"peak memory grew by {grown / 1e6:.1f} MB while streaming"
+    assert whole > 20_000_000, "the control did not register"
+    assert streamed < 4_000_000, f"peak memory grew by {streamed / 1e6:.1f} MB while streaming"
 
 
 # ----------------------------------------------------------------------------------------------------------
