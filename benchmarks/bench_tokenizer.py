@@ -43,9 +43,7 @@ def make_corpus(num_bytes: int, seed: int = 0, num_words: int = 4000) -> str:
     lexicon: list[str] = []
     seen: set[str] = set(_COMMON)
     while len(lexicon) < num_words:
-        word = "".join(
-            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.randint(1, 3))
-        )
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.randint(1, 3)))
         if word not in seen:
             seen.add(word)
             lexicon.append(word)

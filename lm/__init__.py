@@ -14,9 +14,11 @@ from lm.model import (
     flops_per_token,
 )
 from lm.optim import AdamW, clip_gradients, get_lr_cosine_schedule
+from lm.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 __all__ = [
     "AdamW",
+    "ByteTokenizer",
     "Embedding",
     "Linear",
     "MultiHeadSelfAttention",
@@ -25,13 +27,16 @@ __all__ = [
     "SwiGLU",
     "TransformerBlock",
     "TransformerLM",
+    "Tokenizer",
     "clip_gradients",
     "count_parameters",
     "cross_entropy",
     "flops_per_token",
     "get_lr_cosine_schedule",
     "linear_cross_entropy",
+    "load_tokenizer",
     "scaled_dot_product_attention",
     "silu",
     "softmax",
+    "train_bpe",
 ]

@@ -132,9 +132,7 @@ def _load_reused_tokenizer(tokenizer_dir: Path, specials: list[str]) -> tuple[To
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_encode_worker(
-    vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], special_tokens: list[str]
-) -> None:
+def _init_encode_worker(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], special_tokens: list[str]) -> None:
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer(vocab, merges, special_tokens)
 
@@ -193,9 +191,7 @@ def encode_to_npy(
     try:
         with (
             os.fdopen(fd, "wb") as f,
-            tqdm(
-                total=end - start, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr
-            ) as bar,
+            tqdm(total=end - start, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr) as bar,
         ):
             f.write(b"\0" * _NPY_HEADER_BYTES)
             pool = None
@@ -321,8 +317,7 @@ def prepare(
             raise PrepareError("--vocab-size is required unless --tokenizer is given")
         if vocab_size < 256 + len(specials):
             raise PrepareError(
-                f"--vocab-size {vocab_size} is below 256 bytes + {len(specials)} special tokens "
-                f"= {256 + len(specials)}"
+                f"--vocab-size {vocab_size} is below 256 bytes + {len(specials)} special tokens = {256 + len(specials)}"
             )
     args = {
         "vocab_size": None if tokenizer_dir is not None else vocab_size,

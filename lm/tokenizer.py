@@ -122,9 +122,7 @@ def _spans_special_occurrence(data: bytes, pos: int, specials: list[bytes]) -> b
     return any(data.find(s, max(0, pos - len(s) + 1), pos + len(s) - 1) != -1 for s in specials if len(s) > 1)
 
 
-def _next_safe_cut(
-    f: BinaryIO, pos: int, end: int, specials: list[bytes], cut_re: regex.Pattern
-) -> int | None:
+def _next_safe_cut(f: BinaryIO, pos: int, end: int, specials: list[bytes], cut_re: regex.Pattern) -> int | None:
     """The first safe cut position in ``[pos, end)`` of the open binary file ``f`` (None if there is none)."""
     margin = max((len(s) for s in specials), default=1)
     block = 1 << 16
@@ -470,9 +468,7 @@ class Tokenizer:
         # None marks a byte the vocabulary cannot represent (only hand-made vocabularies lack bytes).
         self._byte_ids: list[int | None] = [self._id_of.get(bytes([b])) for b in range(256)]
         self._special_ids: dict[str, int] = {s: self._id_of[s.encode("utf-8")] for s in self.special_tokens}
-        self.eot_token: int | None = (
-            self._special_ids[self.special_tokens[0]] if self.special_tokens else None
-        )
+        self.eot_token: int | None = self._special_ids[self.special_tokens[0]] if self.special_tokens else None
 
         # (left id, right id) -> rank, and rank -> (left id, right id, merged id). Merges whose parts or
         # result are not in the vocabulary can never apply and are dropped.

@@ -1198,3 +1198,31 @@ def test_flops_per_token():
     assert math.isclose(f5 - f3, 2 * (f2 - f1), rel_tol=1e-9)
     # The attention term grows with the context length.
     assert lm.flops_per_token(_config(context_length=128)[0]) > f
+
+
+# ---- fused fast paths against lm's own from-scratch math ----
+
+
+def test_rmsnorm_module_equals_from_scratch_reference():
+    from lm.model import rms_norm_reference
+
+    torch.manual_seed(0)
+    norm = lm.RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48))
+    x = torch.randn(3, 7, 48)
+    torch.testing.assert_close(norm(x), rms_norm_reference(x, norm.weight, 1e-5), atol=1e-6, rtol=1e-6)
+    xb = x.to(torch.bfloat16)
+    assert norm(xb).dtype == torch.bfloat16
+    torch.testing.assert_close(norm(xb), rms_norm_reference(xb, norm.weight, 1e-5))
+
+
+def test_rope_complex_fast_path_equals_real_pair_path():
+    """fp32 inputs take the complex-multiply path; other dtypes the explicit pair rotation."""
+    torch.manual_seed(0)
+    rope = lm.RotaryPositionalEmbedding(10000.0, 16, 64)
+    x = torch.randn(2, 3, 10, 16, dtype=torch.float64)
+    pos = torch.randint(0, 64, (2, 10))
+    fast = rope(x.float(), pos.unsqueeze(1))  # complex path
+    slow = rope(x, pos.unsqueeze(1)).float()  # float64: the real pair path
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

@@ -256,9 +256,7 @@ def test_end_to_end_prepare_train_generate(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
     def cli(*args: object) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", *map(str, args)], capture_output=True, text=True, env=env
-        )
+        proc = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
@@ -270,7 +268,5 @@ def test_end_to_end_prepare_train_generate(tmp_path: Path) -> None:
         "--model.vocab_size", vocab_size, "--train.max_tokens", 20000, "--train.out_dir", run)  # fmt: skip
     checkpoint = run / "checkpoints" / "final.pt"
     assert checkpoint.is_file()
-    proc = cli(
-        "lm.generate", "--checkpoint", checkpoint, "--prompt", "Once", "--max-new-tokens", 20, "--seed", 0
-    )
+    proc = cli("lm.generate", "--checkpoint", checkpoint, "--prompt", "Once", "--max-new-tokens", 20, "--seed", 0)
     assert proc.stdout.startswith("Once")

@@ -269,7 +269,9 @@ def trial_dirs(exp_dir: Path) -> dict[str, Path]:
 def result_log(trial_dir: Path) -> list[dict[str, Any]]:
     """Every result Ray recorded for the trial (result.json: one JSON object per report, across restores)."""
     path = trial_dir / "result.json"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
 def restores(records: list[dict[str, Any]]) -> list[int]:
@@ -377,7 +379,9 @@ def test_driver_sigkill_mid_sweep_then_resume_finishes_it(small_corpus, tmp_path
     space = make_space(tmp_path, small_corpus)
     store = tmp_path / "store"
     with driver(sweep_args(space, "killed", store), ray_tmp, tmp_path) as d:
-        finished_before, running = d.wait_until(lambda: _finished_and_running(d, 3), "a trial done, one running")
+        finished_before, running = d.wait_until(
+            lambda: _finished_and_running(d, 3), "a trial done, one running"
+        )
         d.signal_group(signal.SIGKILL)
         assert d.wait() == -signal.SIGKILL
     with driver(sweep_args(None, "killed", store, "--resume"), ray_tmp, tmp_path) as resumed:
@@ -421,11 +425,15 @@ def sigint_sweep(small_corpus, tmp_path_factory) -> dict[str, Any]:
     store = tmp / "store"
     try:
         with driver(sweep_args(space, "interrupted", store), ray_tmp, tmp) as d:
-            finished_before, running = d.wait_until(lambda: _finished_and_running(d, 3), "a trial done, one running")
+            finished_before, running = d.wait_until(
+                lambda: _finished_and_running(d, 3), "a trial done, one running"
+            )
             d.signal_group(signal.SIGINT)
             rc_interrupted = d.wait()  # it must end by itself
             left_running = session_pids(d.sid)
-        after_interrupt = read_results(store / "interrupted") if (store / "interrupted/results.csv").exists() else None
+        after_interrupt = (
+            read_results(store / "interrupted") if (store / "interrupted/results.csv").exists() else None
+        )
         with driver(sweep_args(None, "interrupted", store, "--resume"), ray_tmp, tmp) as resumed:
             rc_resumed = resumed.wait()
         yield dict(tmp=tmp, ray_tmp=ray_tmp, space=space, exp_dir=store / "interrupted", first=d, resumed=resumed,
@@ -638,7 +646,10 @@ def test_truncated_or_foreign_checkpoint_fails_with_one_line_exit_2(make_config,
             assert "Traceback" not in proc.stderr
     # The other cases through the same entry point, in-process.
     for name in ("empty.pt", "tensor.pt", "dict.pt", "other_model.pt", "missing.pt"):
-        for args in (["--resume-from", str(bad / name)], ["--config", str(cfg_file), "--resume-from", str(bad / name)]):
+        for args in (
+            ["--resume-from", str(bad / name)],
+            ["--config", str(cfg_file), "--resume-from", str(bad / name)],
+        ):
             rc = train_main(args)
             err = capsys.readouterr().err
             assert rc == 2, (name, args, err)
@@ -741,85 +752,139 @@ def test_trial_dirs_in_storage_hold_their_logs_and_bounded_checkpoints(twin_swee
 
 
 def _bad_input_cases(tmp: Path, corpus: Path) -> list[tuple[str, list[str], list[str]]]:
-    """(case, run_sweep arguments, strings the one-line error must contain)."""
-    good_base = base_config_dict(corpus, out_dir=str(tmp / "unused"))
+    """(case, run_sweep arguments, strings the one-line error must contain: the file first, then the field)."""
     cases: list[tuple[str, list[str], list[str]]] = []
 
-    def space_case(case: str, mutate: Callable[[dict], None], expect: list[str], base: dict | None = None,
-                   extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def space_case(case: str, mutate: Callable[[dict], None], expect: list[str], *, base: dict | None = None,
+                   names: str | None = None, storage: Path | None = None) -> None:  # fmt: skip
         d = tmp / case
-        base_path = write_yaml(d / "base.yaml", base or good_base)
+        base_path = write_yaml(d / "base.yaml", base or base_config_dict(corpus, out_dir=str(tmp / "unused")))
         space = seq_space(base_path)
         mutate(space)
         path = write_yaml(d / "space.yaml", space)
-        cases.append((case, ["--space", str(path), "--storage-path", str(d / "store"), *extra], [str(path), *expect]))
+        args = ["--space", str(path), "--storage-path", str(storage or d / "store")]
+        cases.append((case, args, [names or str(path), *expect]))
 
-    def data_case(case: str, train_file: str, write: Callable[[Path], None], expect: list[str],
-                  data: dict | None = None) -> None:  # fmt: skip
-        d = tmp / case
+    def data_case(case: str, file: str, write: Callable[[Path], None], expect: list[str], *,
+                  data: dict | None = None, names: str | None = None) -> None:  # fmt: skip
+        d = tmp / case / "data"
         d.mkdir(parents=True)
         write(d)
         base = base_config_dict(corpus, out_dir=str(tmp / "unused"))
-        base["data"].update({"train_path": str(d / train_file), **(data or {})})
-        space_case(case, lambda s: None, expect, base=base)
-        cases[-1][2][0] = str(d / train_file) if "meta.json" not in expect[0] else expect[0]
+        base["data"].update({"train_path": str(d / file), **(data or {})})
+        space_case(case, lambda s: None, expect, base=base, names=names or str(d / file))
 
     def param(path: str, spec: Any) -> Callable[[dict], None]:
         return lambda s: s["parameters"].update({path: spec})
 
-    d = tmp / "malformed"
-    d.mkdir()
+    d = tmp / "malformed_yaml"
+    d.mkdir(parents=True)
     (d / "space.yaml").write_text("name: x\nparameters: {optimizer.lr: [1, 2\n")
     cases.append(("malformed_yaml", ["--space", str(d / "space.yaml"), "--storage-path", str(d / "store")],
-                  [str(d / "space.yaml"), "malformed YAML"]))  # fmt: skip
+                  [str(d / "space.yaml"), "malformed YAML", "line"]))  # fmt: skip
     space_case("unknown_top_key", lambda s: s.update(epochs=3), ["unknown top-level key 'epochs'"])
+    space_case("unknown_section_key", lambda s: s["search"].update(sampler_seed=1), ["search.sampler_seed"])
     space_case("unknown_param_key", param("optimizer.lr", {"distribution": "uniform", "min": 0.001, "max": 0.01,
                                                            "step": 1}), ["parameters.optimizer.lr.step"])  # fmt: skip
-    space_case("unknown_config_field", param("optimizer.learning_rate", {"value": 0.01}),
-               ["parameters.optimizer.learning_rate", "not a config field"])
-    space_case("wrong_type_setting", lambda s: s.update(num_samples="many"), ["num_samples", "integer"])
-    space_case("wrong_type_value", param("data.batch_size", {"values": [8, "big"]}),
-               ["parameters.data.batch_size.values", "integer"])
-    space_case("bad_distribution", param("optimizer.lr", {"distribution": "gaussian", "min": 0.001, "max": 0.01}),
-               ["parameters.optimizer.lr.distribution", "gaussian"])
-    space_case("wandb_log_uniform", param("optimizer.lr", {"distribution": "log_uniform", "min": -9, "max": -4}),
-               ["parameters.optimizer.lr.distribution", "log_uniform_values"])
+    space_case(
+        "unknown_config_field",
+        param("optimizer.learning_rate", {"value": 0.01}),
+        ["parameters.optimizer.learning_rate", "not a config field"],
+    )
+    space_case(
+        "wrong_type_setting", lambda s: s.update(num_samples="many"), ["num_samples", "integer", "'many'"]
+    )
+    space_case(
+        "wrong_type_value",
+        param("data.batch_size", {"values": [8, "big"]}),
+        ["parameters.data.batch_size.values", "integer", "'big'"],
+    )
+    space_case(
+        "bad_distribution",
+        param("optimizer.lr", {"distribution": "gaussian", "min": 0.001, "max": 0.01}),
+        ["parameters.optimizer.lr.distribution", "gaussian"],
+    )
+    space_case(
+        "wandb_log_uniform",
+        param("optimizer.lr", {"distribution": "log_uniform", "min": -9, "max": -4}),
+        ["parameters.optimizer.lr.distribution", "log_uniform_values"],
+    )
     space_case("min_above_max", param("optimizer.lr", {"distribution": "log_uniform_values", "min": 0.1,
                                                        "max": 0.01}), ["parameters.optimizer.lr", "min < max"])  # fmt: skip
-    space_case("log_of_zero", param("optimizer.lr", {"distribution": "log_uniform_values", "min": 0, "max": 0.01}),
-               ["parameters.optimizer.lr.min", "min > 0"])
-    space_case("invalid_value", param("optimizer.warmup_iters", {"values": [5, 500]}),
-               ["parameters.optimizer.warmup_iters", "500"])
-    space_case("base_config_missing", lambda s: s.update(base_config=str(tmp / "nope.yaml")),
-               ["base_config", "nope.yaml", "not found"])
-    bad_base = base_config_dict(corpus)
-    bad_base["model"]["d_model"] = "wide"
-    space_case("base_config_wrong_type", lambda s: None, ["model.d_model", "'wide'"], base=bad_base)
+    space_case(
+        "log_of_zero",
+        param("optimizer.lr", {"distribution": "log_uniform_values", "min": 0, "max": 0.01}),
+        ["parameters.optimizer.lr.min", "min > 0"],
+    )
+    space_case(
+        "invalid_value",
+        param("optimizer.warmup_iters", {"values": [5, 500]}),
+        ["parameters.optimizer.warmup_iters", "500"],
+    )
+    space_case(
+        "base_config_missing",
+        lambda s: s.update(base_config=str(tmp / "nope.yaml")),
+        ["base_config", "nope.yaml", "not found"],
+    )
+    bad_type = base_config_dict(corpus)
+    bad_type["model"]["d_model"] = "wide"
+    space_case("base_config_wrong_type", lambda s: None, ["model.d_model", "'wide'"], base=bad_type)
+    bad_dtype = base_config_dict(corpus)
+    bad_dtype["data"]["dtype"] = "float32"
+    space_case("config_dtype_not_a_token_type", lambda s: None, ["data.dtype", "float32"], base=bad_dtype)
     data_case("train_file_missing", "nothing.npy", lambda d: None, ["data.train_path", "not found"])
-    data_case("float_tokens", "train.npy", lambda d: np.save(d / "train.npy", np.ones(1000, np.float32)),
-              ["data.train_path", "float32"])
-    data_case("bin_without_dtype", "train.bin", lambda d: np.ones(1000, np.uint16).tofile(d / "train.bin"),
-              ["data.train_path", "data.dtype"])
-    data_case("bin_wrong_dtype_size", "train.bin", lambda d: np.ones(1001, np.uint8).tofile(d / "train.bin"),
-              ["data.train_path", "not a multiple"], data={"dtype": "uint16"})
-    data_case("token_id_too_large", "train.npy",
-              lambda d: np.save(d / "train.npy", np.full(1000, 300, np.uint16)),
-              ["data.train_path", "token id 300 >= model.vocab_size 257"])
-    data_case("shorter_than_context", "train.npy", lambda d: np.save(d / "train.npy", np.ones(20, np.uint16)),
-              ["data.train_path", "20 tokens", "context_length"])
+    data_case(
+        "float_tokens",
+        "train.npy",
+        lambda d: np.save(d / "train.npy", np.ones(1000, np.float32)),
+        ["data.train_path", "float32"],
+    )
+    data_case(
+        "bin_without_dtype",
+        "train.bin",
+        lambda d: np.ones(1000, np.uint16).tofile(d / "train.bin"),
+        ["data.train_path", "data.dtype"],
+    )
+    data_case(
+        "bin_size_not_dtype_multiple",
+        "train.bin",
+        lambda d: np.ones(1001, np.uint8).tofile(d / "train.bin"),
+        ["data.train_path", "not a multiple"],
+        data={"dtype": "uint16"},
+    )
+    data_case(
+        "token_id_too_large",
+        "train.npy",
+        lambda d: np.save(d / "train.npy", np.full(1000, 300, np.uint16)),
+        ["data.train_path", "token id 300 >= model.vocab_size 257"],
+    )
+    data_case(
+        "shorter_than_context",
+        "train.npy",
+        lambda d: np.save(d / "train.npy", np.ones(20, np.uint16)),
+        ["data.train_path", "20 tokens", "context_length"],
+    )
 
-    def meta_mismatch(d: Path) -> None:
+    def meta_disagrees(d: Path) -> None:
         np.save(d / "train.npy", np.ones(1000, np.uint16))
         (d / "meta.json").write_text(json.dumps({"vocab_size": 1000}))
 
-    data_case("meta_json_disagrees", "train.npy", meta_mismatch,
-              [str(tmp / "meta_json_disagrees" / "meta.json"), "vocab_size 1000", "model.vocab_size 257"])
-    d = tmp / "unwritable"
-    d.mkdir()
-    (d / "a_file").write_text("x")
-    space_case("storage_not_writable", lambda s: None, ["--storage-path", "not writable"],
-               extra=("--storage-path", str(d / "a_file" / "store")))
-    cases[-1][2][0] = str(d / "a_file" / "store")
+    data_case(
+        "meta_json_disagrees",
+        "train.npy",
+        meta_disagrees,
+        ["vocab_size 1000", "model.vocab_size 257"],
+        names=str(tmp / "meta_json_disagrees" / "data" / "meta.json"),
+    )
+    blocker = tmp / "a_file"
+    blocker.write_text("a file where a directory should be")
+    space_case(
+        "storage_not_writable",
+        lambda s: None,
+        ["--storage-path", "not writable"],
+        names=str(blocker / "store"),
+        storage=blocker / "store",
+    )
     cases.append(("resume_unknown_sweep", ["--resume", "--name", "ghost", "--storage-path", str(tmp / "store")],
                   [str(tmp / "store" / "ghost"), "--resume", "ghost"]))  # fmt: skip
     return cases
@@ -834,7 +899,9 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(small_corpus, tmp_path):
     cases = _bad_input_cases(tmp_path / "cases", small_corpus)
     ray_tmp = tmp_path / "raytmp"  # must stay empty: no case may start Ray
     with ThreadPoolExecutor(4) as pool:
-        runs = [(case, expect, pool.submit(_run_case, args, tmp_path, ray_tmp)) for case, args, expect in cases]
+        runs = [
+            (case, expect, pool.submit(_run_case, args, tmp_path, ray_tmp)) for case, args, expect in cases
+        ]
         failures = []
         for case, expect, future in runs:
             proc = future.result()
@@ -851,7 +918,6 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(small_corpus, tmp_path):
                 failures.append(f"{case}: {', '.join(problems)}\n  stderr: {err.strip()[-800:]}")
     assert not (ray_tmp / "ray").exists(), "a bad-input case started Ray"
     assert failures == [], "\n".join(failures)
-    assert len(cases) == 22
 
 
 def test_bad_input_with_debug_shows_the_traceback(tmp_path):

@@ -85,6 +85,8 @@ def sweep_run(tmp_path_factory, small_corpus):
         code = run_sweep.main(
             ["--space", str(space_path), "--storage-path", str(storage), "--num-cpus", "2", "--quiet"]
         )
+    (root / "driver_stdout.txt").write_text(out.getvalue())  # kept for debugging a failed run
+    (root / "driver_stderr.txt").write_text(err.getvalue())
     return {
         "code": code,
         "stdout": out.getvalue(),

@@ -357,9 +357,7 @@ def test_encode_iterable_streams_a_large_file_in_bounded_memory(trained: Tokeniz
         """
     )
     args = [module_path, tmp_path / "vocab.json", tmp_path / "merges.txt", EOT, big]
-    out = subprocess.run(
-        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, check=True)
     n_tokens, streamed, whole = map(int, out.stdout.split())
     assert n_tokens > 1_000_000
     assert whole > 20_000_000, "the control did not register"
