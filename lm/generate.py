@@ -121,9 +121,7 @@ def _tokenizer_from_spec(spec: dict[str, Any] | None, meta_path: Path | None) ->
         try:
             return load_tokenizer(meta_path)
         except (OSError, ValueError, KeyError) as e:
-            raise GenerateError(
-                f"{meta_path}: cannot load the tokenizer ({' '.join(str(e).split())})"
-            ) from None
+            raise GenerateError(f"{meta_path}: cannot load the tokenizer ({' '.join(str(e).split())})") from None
     if isinstance(spec, dict) and spec.get("type") == "byte":
         return _ByteTokenizer(spec.get("eot_token", 256))
     where = meta_path if meta_path is not None else "built-in corpus"
@@ -202,18 +200,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="training-state checkpoint (.pt) written by lm.train")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, a fresh story)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to sample (default 256)")
-    p.add_argument(
-        "--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)"
-    )
-    p.add_argument(
-        "--top-p", type=float, default=0.9, help="nucleus mass in [0, 1]; 0 = greedy (default 0.9)"
-    )
-    p.add_argument(
-        "--seed", type=int, default=None, help="seed of the sampler (default: a fresh random seed)"
-    )
-    p.add_argument(
-        "--device", default="auto", help='"auto" (cuda, mps, cpu) or a torch device (default auto)'
-    )
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in [0, 1]; 0 = greedy (default 0.9)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: a fresh random seed)")
+    p.add_argument("--device", default="auto", help='"auto" (cuda, mps, cpu) or a torch device (default auto)')
     p.add_argument("--meta", default=None, help="meta.json describing the tokenizer (default: the data's)")
     p.add_argument("--debug", action="store_true", help="raise errors with a traceback")
     return p

@@ -51,12 +51,8 @@ def find_space(name: str) -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    ap.add_argument(
-        "--space", default=DEFAULT_SPACE, help="search-space YAML (path, or a name in search_spaces/)"
-    )
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (path, or a name in search_spaces/)")
     ap.add_argument("--name", help="experiment name (default: the space's name)")
     ap.add_argument(
         "--storage-path",
@@ -68,9 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="existing Ray cluster: 'auto', host:port or ray://host:10001 (also RAY_ADDRESS)",
     )
-    ap.add_argument(
-        "--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)"
-    )
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
     ap.add_argument("--num-samples", type=int, help="override num_samples")
     ap.add_argument("--max-concurrent", type=int, help="override search.max_concurrent_trials")
@@ -79,8 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override the space (search.seed=1, stop.max_tokens=1e6) or fix a config field "
-        "(train.compile=true)",
+        help="override the space (search.seed=1, stop.max_tokens=1e6) or fix a config field (train.compile=true)",
     )
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("--quiet", action="store_true", help="no per-result lines")
@@ -125,9 +118,7 @@ def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
     name = args.name or spec.name
     exp_dir = results_root / name
     if local_root is not None and (exp_dir / META_FILE).exists():
-        raise SweepInputError(
-            f"{exp_dir}: a sweep named '{name}' exists: --resume it or choose another --name"
-        )
+        raise SweepInputError(f"{exp_dir}: a sweep named '{name}' exists: --resume it or choose another --name")
     # The data every trial reads: open and check it now (and build the built-in corpus once, here).
     from lm.train import open_data
 
@@ -171,11 +162,47 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
                     "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as on the head node)"
                 )
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SweepInputError(
-                f"--address {address}: cannot connect to the Ray cluster: {first}{hint}"
-            ) from None
+            raise SweepInputError(f"--address {address}: cannot connect to the Ray cluster: {first}{hint}") from None
     else:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **common)
+
+
+def check_storage_shared(storage: str, exp_dir: Path) -> None:
+    """On a multi-node cluster a local storage path must be one filesystem seen by every node.
+
+    Writes a marker file and asks a task pinned to each alive node whether it sees it; a node that does
+    not means the path is local to this machine: refuse before any trial starts.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if "://" in storage or len(nodes) < 2:
+        return
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    marker = exp_dir / f".shared-check-{os.getpid()}-{time.time_ns()}"
+    marker.write_text("lm-sweeps")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    try:
+        checks = {
+            n["NodeID"]: sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker))
+            for n in nodes
+        }
+        blind = [node for node, ref in checks.items() if not ray.get(ref, timeout=120)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise SweepInputError(
+            f"{storage}: --storage-path is local to this machine: {len(blind)} of {len(nodes)} cluster nodes "
+            f"cannot see it (e.g. node {blind[0][:12]}); use a shared filesystem path or a URI such as "
+            "s3://bucket/sweeps"
+        )
 
 
 def gpus_per_trial(spec: SweepSpec) -> float:
@@ -249,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import ray
 
+        check_storage_shared(storage, exp_dir)
         gpu = gpus_per_trial(spec)
         threads = max(1, int(spec.cpu))
         trainable = tune.with_resources(

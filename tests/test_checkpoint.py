@@ -406,8 +406,6 @@ def test_sigkill_during_write_keeps_the_previous_checkpoint(tmp_path, mode):
     # Only the hidden temp file is left behind, never a partial file under the real name; a later save works.
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert len(leftovers) == 2 and "ckpt.pt" in leftovers
-    assert all(
-        name == "ckpt.pt" or (name.startswith(".ckpt.pt.") and name.endswith(".tmp")) for name in leftovers
-    )
+    assert all(name == "ckpt.pt" or (name.startswith(".ckpt.pt.") and name.endswith(".tmp")) for name in leftovers)
     save_checkpoint(model, AdamW(model.parameters()), 3, path)
     assert read_checkpoint(path)["iteration"] == 3

@@ -87,9 +87,7 @@ class CountdownLM(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "settings", [{"top_p": 0.0}, {"temperature": 0.0}, {"temperature": 0.0, "top_p": 0.5}]
-)
+@pytest.mark.parametrize("settings", [{"top_p": 0.0}, {"temperature": 0.0}, {"temperature": 0.0, "top_p": 0.5}])
 def test_greedy_equals_argmax_decoding(model, settings):
     prompt = [3, 14, 15, 9, 2, 6]
     expected = _greedy_reference(model, prompt, 20)
@@ -110,9 +108,7 @@ def test_same_seed_same_output_different_seed_different(model):
     prompt = [5, 6, 7]
 
     def sample(seed):
-        return generate(
-            model, prompt, 30, temperature=1.0, top_p=0.95, generator=torch.Generator().manual_seed(seed)
-        )
+        return generate(model, prompt, 30, temperature=1.0, top_p=0.95, generator=torch.Generator().manual_seed(seed))
 
     a, b, c = sample(0), sample(0), sample(1)
     assert len(a) == 30 and all(0 <= i < 64 for i in a)
@@ -190,9 +186,7 @@ def test_sampling_follows_the_renormalized_nucleus():
 
     def frequencies(top_p, temperature=1.0):
         lm = FixedLM(probs)
-        ids = generate(
-            lm, [0], n, temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(3)
-        )
+        ids = generate(lm, [0], n, temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(3))
         return torch.bincount(torch.tensor(ids), minlength=4).double() / n
 
     f = frequencies(0.7)  # 0.5 < 0.7 <= 0.5 + 0.3: the nucleus is {0, 1}, renormalized to 5/8, 3/8

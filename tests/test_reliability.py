@@ -752,139 +752,80 @@ def test_trial_dirs_in_storage_hold_their_logs_and_bounded_checkpoints(twin_swee
 
 
 def _bad_input_cases(tmp: Path, corpus: Path) -> list[tuple[str, list[str], list[str]]]:
-    """(case, run_sweep arguments, strings the one-line error must contain: the file first, then the field)."""
-    cases: list[tuple[str, list[str], list[str]]] = []
+    """(case, run_sweep arguments, strings its one-line error must contain: the file first, then the field)."""
 
-    def space_case(case: str, mutate: Callable[[dict], None], expect: list[str], *, base: dict | None = None,
-                   names: str | None = None, storage: Path | None = None) -> None:  # fmt: skip
+    def lr(**spec: Any) -> dict[str, Any]:
+        return {"parameters": {"optimizer.lr": spec}}
+
+    def base(section: str, **fields: Any) -> dict[str, Any]:
+        config = base_config_dict(corpus, out_dir=str(tmp / "unused"))
+        config[section].update(fields)
+        return config
+
+    npy = "train.npy"
+    # case: (space overrides, base config or None, (train file name, writer) or None, expected strings)
+    table: dict[str, tuple[dict, dict | None, tuple | None, list[str]]] = {
+        "unknown_top_key": ({"epochs": 3}, None, None, ["unknown top-level key 'epochs'"]),
+        "unknown_param_key": (lr(distribution="uniform", min=1e-3, max=1e-2, step=1), None, None,
+                              ["parameters.optimizer.lr.step", "unknown key"]),
+        "unknown_config_field": ({"parameters": {"optimizer.learning_rate": {"value": 0.01}}}, None, None,
+                                 ["parameters.optimizer.learning_rate", "not a config field"]),
+        "wrong_type_setting": ({"num_samples": "many"}, None, None, ["num_samples", "integer", "'many'"]),
+        "wrong_type_value": ({"parameters": {"data.batch_size": {"values": [8, "big"]}}}, None, None,
+                             ["parameters.data.batch_size.values", "integer", "'big'"]),
+        "bad_distribution": (lr(distribution="gaussian", min=1e-3, max=1e-2), None, None,
+                             ["parameters.optimizer.lr.distribution", "gaussian"]),
+        "min_above_max": (lr(distribution="log_uniform_values", min=0.1, max=0.01), None, None,
+                          ["parameters.optimizer.lr", "min < max"]),
+        "value_gives_invalid_config": ({"parameters": {"optimizer.warmup_iters": {"values": [5, 500]}}}, None,
+                                       None, ["parameters.optimizer.warmup_iters", "500"]),
+        "base_config_missing": ({"base_config": str(tmp / "nope.yaml")}, None, None,
+                                ["base_config", "nope.yaml", "not found"]),
+        "base_config_wrong_type": ({}, base("model", d_model="wide"), None, ["model.d_model", "'wide'"]),
+        "train_file_missing": ({}, None, ("nothing.npy", None), ["data.train_path", "not found"]),
+        "float_tokens": ({}, None, (npy, lambda p: np.save(p, np.ones(1000, np.float32))),
+                         ["data.train_path", "float32"]),
+        "bin_without_dtype": ({}, None, ("train.bin", lambda p: np.ones(1000, np.uint16).tofile(p)),
+                              ["data.train_path", "data.dtype"]),
+        "token_id_too_large": ({}, None, (npy, lambda p: np.save(p, np.full(1000, 300, np.uint16))),
+                               ["data.train_path", "token id 300 >= model.vocab_size 257"]),
+        "shorter_than_context": ({}, None, (npy, lambda p: np.save(p, np.ones(20, np.uint16))),
+                                 ["data.train_path", "20 tokens", "context_length"]),
+        "meta_json_disagrees": ({}, None, (npy, lambda p: (np.save(p, np.ones(1000, np.uint16)),
+                                                           (p.parent / "meta.json").write_text('{"vocab_size": 1000}'))),
+                                ["vocab_size 1000", "model.vocab_size 257"]),
+    }  # fmt: skip
+    cases = []
+    for case, (overrides, base_dict, data, expect) in table.items():
         d = tmp / case
-        base_path = write_yaml(d / "base.yaml", base or base_config_dict(corpus, out_dir=str(tmp / "unused")))
-        space = seq_space(base_path)
-        mutate(space)
+        config = base_dict or base_config_dict(corpus, out_dir=str(tmp / "unused"))
+        names = None
+        if data is not None:
+            file, writer = data
+            (d / "data").mkdir(parents=True)
+            if writer is not None:
+                writer(d / "data" / file)
+            config["data"]["train_path"] = str(d / "data" / file)
+            names = str(d / "data" / ("meta.json" if case == "meta_json_disagrees" else file))
+        space = seq_space(write_yaml(d / "base.yaml", config))
+        space["parameters"].update(overrides.get("parameters", {}))
+        space.update({k: v for k, v in overrides.items() if k != "parameters"})
         path = write_yaml(d / "space.yaml", space)
-        args = ["--space", str(path), "--storage-path", str(storage or d / "store")]
-        cases.append((case, args, [names or str(path), *expect]))
+        cases.append(
+            (case, ["--space", str(path), "--storage-path", str(d / "store")], [names or str(path), *expect])
+        )
 
-    def data_case(case: str, file: str, write: Callable[[Path], None], expect: list[str], *,
-                  data: dict | None = None, names: str | None = None) -> None:  # fmt: skip
-        d = tmp / case / "data"
-        d.mkdir(parents=True)
-        write(d)
-        base = base_config_dict(corpus, out_dir=str(tmp / "unused"))
-        base["data"].update({"train_path": str(d / file), **(data or {})})
-        space_case(case, lambda s: None, expect, base=base, names=names or str(d / file))
-
-    def param(path: str, spec: Any) -> Callable[[dict], None]:
-        return lambda s: s["parameters"].update({path: spec})
-
-    d = tmp / "malformed_yaml"
-    d.mkdir(parents=True)
-    (d / "space.yaml").write_text("name: x\nparameters: {optimizer.lr: [1, 2\n")
-    cases.append(("malformed_yaml", ["--space", str(d / "space.yaml"), "--storage-path", str(d / "store")],
-                  [str(d / "space.yaml"), "malformed YAML", "line"]))  # fmt: skip
-    space_case("unknown_top_key", lambda s: s.update(epochs=3), ["unknown top-level key 'epochs'"])
-    space_case("unknown_section_key", lambda s: s["search"].update(sampler_seed=1), ["search.sampler_seed"])
-    space_case("unknown_param_key", param("optimizer.lr", {"distribution": "uniform", "min": 0.001, "max": 0.01,
-                                                           "step": 1}), ["parameters.optimizer.lr.step"])  # fmt: skip
-    space_case(
-        "unknown_config_field",
-        param("optimizer.learning_rate", {"value": 0.01}),
-        ["parameters.optimizer.learning_rate", "not a config field"],
-    )
-    space_case(
-        "wrong_type_setting", lambda s: s.update(num_samples="many"), ["num_samples", "integer", "'many'"]
-    )
-    space_case(
-        "wrong_type_value",
-        param("data.batch_size", {"values": [8, "big"]}),
-        ["parameters.data.batch_size.values", "integer", "'big'"],
-    )
-    space_case(
-        "bad_distribution",
-        param("optimizer.lr", {"distribution": "gaussian", "min": 0.001, "max": 0.01}),
-        ["parameters.optimizer.lr.distribution", "gaussian"],
-    )
-    space_case(
-        "wandb_log_uniform",
-        param("optimizer.lr", {"distribution": "log_uniform", "min": -9, "max": -4}),
-        ["parameters.optimizer.lr.distribution", "log_uniform_values"],
-    )
-    space_case("min_above_max", param("optimizer.lr", {"distribution": "log_uniform_values", "min": 0.1,
-                                                       "max": 0.01}), ["parameters.optimizer.lr", "min < max"])  # fmt: skip
-    space_case(
-        "log_of_zero",
-        param("optimizer.lr", {"distribution": "log_uniform_values", "min": 0, "max": 0.01}),
-        ["parameters.optimizer.lr.min", "min > 0"],
-    )
-    space_case(
-        "invalid_value",
-        param("optimizer.warmup_iters", {"values": [5, 500]}),
-        ["parameters.optimizer.warmup_iters", "500"],
-    )
-    space_case(
-        "base_config_missing",
-        lambda s: s.update(base_config=str(tmp / "nope.yaml")),
-        ["base_config", "nope.yaml", "not found"],
-    )
-    bad_type = base_config_dict(corpus)
-    bad_type["model"]["d_model"] = "wide"
-    space_case("base_config_wrong_type", lambda s: None, ["model.d_model", "'wide'"], base=bad_type)
-    bad_dtype = base_config_dict(corpus)
-    bad_dtype["data"]["dtype"] = "float32"
-    space_case("config_dtype_not_a_token_type", lambda s: None, ["data.dtype", "float32"], base=bad_dtype)
-    data_case("train_file_missing", "nothing.npy", lambda d: None, ["data.train_path", "not found"])
-    data_case(
-        "float_tokens",
-        "train.npy",
-        lambda d: np.save(d / "train.npy", np.ones(1000, np.float32)),
-        ["data.train_path", "float32"],
-    )
-    data_case(
-        "bin_without_dtype",
-        "train.bin",
-        lambda d: np.ones(1000, np.uint16).tofile(d / "train.bin"),
-        ["data.train_path", "data.dtype"],
-    )
-    data_case(
-        "bin_size_not_dtype_multiple",
-        "train.bin",
-        lambda d: np.ones(1001, np.uint8).tofile(d / "train.bin"),
-        ["data.train_path", "not a multiple"],
-        data={"dtype": "uint16"},
-    )
-    data_case(
-        "token_id_too_large",
-        "train.npy",
-        lambda d: np.save(d / "train.npy", np.full(1000, 300, np.uint16)),
-        ["data.train_path", "token id 300 >= model.vocab_size 257"],
-    )
-    data_case(
-        "shorter_than_context",
-        "train.npy",
-        lambda d: np.save(d / "train.npy", np.ones(20, np.uint16)),
-        ["data.train_path", "20 tokens", "context_length"],
-    )
-
-    def meta_disagrees(d: Path) -> None:
-        np.save(d / "train.npy", np.ones(1000, np.uint16))
-        (d / "meta.json").write_text(json.dumps({"vocab_size": 1000}))
-
-    data_case(
-        "meta_json_disagrees",
-        "train.npy",
-        meta_disagrees,
-        ["vocab_size 1000", "model.vocab_size 257"],
-        names=str(tmp / "meta_json_disagrees" / "data" / "meta.json"),
-    )
+    malformed = tmp / "malformed_yaml" / "space.yaml"
+    malformed.parent.mkdir(parents=True)
+    malformed.write_text("name: x\nparameters: {optimizer.lr: [1, 2\n")
+    cases.append(("malformed_yaml", ["--space", str(malformed), "--storage-path", str(tmp / "store")],
+                  [str(malformed), "malformed YAML", "line"]))  # fmt: skip
     blocker = tmp / "a_file"
-    blocker.write_text("a file where a directory should be")
-    space_case(
-        "storage_not_writable",
-        lambda s: None,
-        ["--storage-path", "not writable"],
-        names=str(blocker / "store"),
-        storage=blocker / "store",
-    )
+    blocker.write_text("a file where the storage directory should be")
+    good_space = write_yaml(tmp / "good" / "space.yaml", seq_space(write_yaml(tmp / "good" / "base.yaml",
+                                                                              base_config_dict(corpus))))  # fmt: skip
+    cases.append(("storage_not_writable", ["--space", str(good_space), "--storage-path", str(blocker / "store")],
+                  [str(blocker / "store"), "--storage-path", "not writable"]))  # fmt: skip
     cases.append(("resume_unknown_sweep", ["--resume", "--name", "ghost", "--storage-path", str(tmp / "store")],
                   [str(tmp / "store" / "ghost"), "--resume", "ghost"]))  # fmt: skip
     return cases
