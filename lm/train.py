@@ -201,6 +201,7 @@ def train(
     diverged_at: int | None = None
     last_val: float | None = None
     train_time = 0.0  # seconds inside training steps (the sweep benchmark's utilization numerator)
+    eval_time = ckpt_time = report_time = 0.0  # where the rest goes (cumulative, reported with each eval)
     window_start, window_tokens = time.perf_counter(), 0
     started = time.perf_counter()
     ceiling = t.divergence_loss if t.divergence_loss is not None else math.inf
@@ -270,7 +271,9 @@ def train(
                 )
                 window_start, window_tokens = now, 0
             if do_eval:
+                eval_start = time.perf_counter()
                 val_loss = evaluate(step_model, val_tokens, val_starts, config, device, autocast)
+                eval_time += time.perf_counter() - eval_start
                 if not math.isfinite(val_loss) or val_loss > ceiling:
                     diverged_at = step
                     logger.info(f"diverged at step {step}: val loss {val_loss}")
@@ -288,9 +291,13 @@ def train(
                     "lr": lr,
                     "elapsed_s": time.perf_counter() - started,
                     "train_time_s": train_time,
+                    "eval_time_s": eval_time,
+                    "checkpoint_time_s": ckpt_time,
+                    "report_time_s": report_time,  # up to the previous report
                     "final_eval": step == total_steps,  # lets a sweep tell "ran to the end" from "stopped"
                 }
                 logger.record("eval", metrics)
+                ckpt_start = time.perf_counter()
                 if improved:
                     save_training_state(state("best"), ckpt_dir / "best.pt")
                 ckpt = None
@@ -298,8 +305,11 @@ def train(
                     step, tokens_seen, tps, None, t.checkpoint_interval_tokens
                 ):
                     ckpt = write_periodic()
+                report_start = time.perf_counter()
+                ckpt_time += report_start - ckpt_start
                 if reporter is not None:
                     reporter(metrics, ckpt)  # a sweep trial stopped by its scheduler ends inside this call
+                report_time += time.perf_counter() - report_start
                 window_start = time.perf_counter()  # eval and checkpoint time is not training throughput
             elif t.checkpoint_interval_tokens is not None and _every(
                 step, tokens_seen, tps, None, t.checkpoint_interval_tokens
@@ -320,6 +330,9 @@ def train(
             "entropy_floor": floor,
             "elapsed_s": elapsed,
             "train_time_s": train_time,
+            "eval_time_s": eval_time,
+            "checkpoint_time_s": ckpt_time,
+            "report_time_s": report_time,
             "tokens_per_s": (tokens_seen - (resume_state or {}).get("tokens_seen", 0))
             / max(train_time, 1e-9),
             "out_dir": str(out_dir),

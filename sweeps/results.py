@@ -87,8 +87,8 @@ def load_sweep(path: str | Path, result_grid: Any = None) -> Sweep:
     """Read a sweep's experiment directory (local path or URI) into a `Sweep`."""
     from ray import tune
 
-    path_str = str(path)
-    local = Path(path_str) if "://" not in path_str else None
+    local = Path(path).expanduser().resolve() if "://" not in str(path) else None  # pyarrow needs absolute
+    path_str = str(local) if local is not None else str(path)
     if local is not None and not (local / META_FILE).is_file():
         raise FileNotFoundError(f"{path_str}: not a sweep directory (no {META_FILE})")
     meta = json.loads((local / META_FILE).read_text()) if local is not None else {}
@@ -116,7 +116,7 @@ def _trial_row(trial: Any, result: Any, meta: dict[str, Any]) -> tuple[dict[str,
     config = result.config or {}
     last = result.metrics or {}
     hist = result.metrics_dataframe
-    row: dict[str, Any] = {"trial_id": trial.trial_id, "trial_number": _trial_number(trial.trial_id)}
+    row: dict[str, Any] = {"trial_id": trial.trial_id, "trial_number": _trial_number(trial)}
     for key in meta.get("swept", []):
         row[key] = config.get(key)
     healthy = hist[hist["diverged"] != True] if hist is not None and "diverged" in hist else hist  # noqa: E712
@@ -168,9 +168,11 @@ _HISTORY_COLUMNS = (
 )
 
 
-def _trial_number(trial_id: str) -> int:
-    tail = trial_id.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+def _trial_number(trial: Any) -> int:
+    """Tune's 1-based creation order: the head of the experiment tag ("3_optimizer.lr=..."). Optuna trial ids
+    are random hex, so the id itself carries no order."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def _status(ray_status: str, row: dict[str, Any]) -> str:

@@ -277,16 +277,7 @@ def _run_main(capsys, args):
 
 
 def test_cli_in_process_is_seeded(capsys, trained):
-    args = [
-        "--checkpoint",
-        str(trained),
-        "--prompt",
-        "Once upon a time",
-        "--max-new-tokens",
-        "40",
-        "--device",
-        "cpu",
-    ]
+    args = ["--checkpoint", str(trained), "--prompt", "Once upon a time", *"--max-new-tokens 40 --device cpu".split()]
     code, first, err = _run_main(capsys, [*args, "--seed", "0"])
     assert code == 0, err
     assert first.startswith("Once upon a time") and len(first) > len("Once upon a time\n")

@@ -194,9 +194,8 @@ def test_set_top_level_and_nested():
 
 
 def test_set_parameter_attribute():
-    spec = load_space(
-        LR_SWEEP, sets=["parameters.optimizer.lr.max=1e-2", "parameters.data.batch_size.values=[8]"]
-    )
+    sets = ["parameters.optimizer.lr.max=1e-2", "parameters.data.batch_size.values=[8]"]
+    spec = load_space(LR_SWEEP, sets=sets)
     assert spec.params["optimizer.lr"].max == 1e-2
     assert spec.params["optimizer.lr"].min == 1e-4
     assert spec.params["data.batch_size"].values == [8]
@@ -298,8 +297,7 @@ BAD_SPACES = [
     ),
     (
         "grid-axis-with-optuna",
-        "search: {algorithm: optuna}\n"
-        "parameters:\n  data.batch_size: {distribution: grid, values: [8, 16]}\n",
+        "search: {algorithm: optuna}\nparameters:\n  data.batch_size: {distribution: grid, values: [8]}\n",
         ["parameters.data.batch_size.distribution", "search.algorithm: grid", "values"],
     ),
     (
@@ -398,9 +396,8 @@ def test_base_config_resolves_next_to_the_space_file(tmp_path, small_corpus):
         (tmp_path / "configs" / name).write_bytes((small_corpus / name).read_bytes())
     spaces = tmp_path / "spaces"
     spaces.mkdir()
-    path = _write(
-        spaces, "base_config: configs/base.yaml\nparameters:\n  optimizer.lr: {values: [0.001, 0.01]}\n"
-    )
+    text = "base_config: configs/base.yaml\nparameters:\n  optimizer.lr: {values: [0.001, 0.01]}\n"
+    path = _write(spaces, text)
     spec = load_space(path)
     assert spec.base_config_path == (tmp_path / "configs" / "base.yaml").resolve()
     # Relative data paths become absolute (trials run in their own working directory).

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from lm import stories
 from lm.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from lm.config import Config
 from lm.data import DataError
@@ -489,4 +490,4 @@ def test_cli_end_to_end_on_builtin_data(tmp_path):
     val_loss, floor = float(match.group(1)), float(match.group(2))
     assert val_loss < 2.5 < math.log(257)
     assert 0 < floor < val_loss
-    assert (tmp_path / "cache" / "builtin-v1" / "meta.json").is_file()
+    assert (tmp_path / "cache" / f"builtin-{stories.VERSION}" / "meta.json").is_file()  # generated there
