@@ -198,9 +198,7 @@ def main() -> None:
     )
     print(f"in-process matmul rate at the model's shapes: {peak:.1f} GFLOP/s\n")
     base = {v["name"]: v for v in variants}
-    print(
-        "| variant | tokens/s | ms/step | fwd ms | bwd ms | opt ms | GFLOP/s | MFU | vs stock | vs reference |"
-    )
+    print("| variant | tokens/s | ms/step | fwd ms | bwd ms | opt ms | GFLOP/s | MFU | vs stock | vs reference |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         total = v["fwd"] + v["bwd"] + v["opt"]
@@ -209,9 +207,7 @@ def main() -> None:
         ratios = []
         for ref in ("stock", "lm-reference"):
             ratios.append(
-                f"{tps / (tokens / sum(base[ref][k] for k in ('fwd', 'bwd', 'opt'))):.2f}x"
-                if ref in base
-                else "-"
+                f"{tps / (tokens / sum(base[ref][k] for k in ('fwd', 'bwd', 'opt'))):.2f}x" if ref in base else "-"
             )
         print(
             f"| {v['name']} | {tps:,.0f} | {1e3 * total:.1f} | {1e3 * v['fwd']:.1f} | {1e3 * v['bwd']:.1f} | "

@@ -68,9 +68,7 @@ def read_checkpoint(src: str | os.PathLike | BinaryIO) -> dict[str, Any]:
             f"{name}: not a readable checkpoint (truncated or foreign file: {type(e).__name__})"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "iteration" not in state:
-        raise CheckpointError(
-            f"{name}: not an lm-sweeps/CS336 checkpoint (no 'model' and 'iteration' entries)"
-        )
+        raise CheckpointError(f"{name}: not an lm-sweeps/CS336 checkpoint (no 'model' and 'iteration' entries)")
     state["model"] = strip_compile_prefix(state["model"])
     return state
 

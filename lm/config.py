@@ -168,9 +168,7 @@ class Config:
         """Learning rate for optimizer step `step` (0-based); the cosine ends exactly at the last step."""
         from lm.optim import get_lr_cosine_schedule
 
-        return get_lr_cosine_schedule(
-            step, self.optimizer.lr, self.min_lr, self.warmup_steps, self.total_steps - 1
-        )
+        return get_lr_cosine_schedule(step, self.optimizer.lr, self.min_lr, self.warmup_steps, self.total_steps - 1)
 
     def interval_steps(self, steps: int | None, tokens: int | None) -> int | None:
         """An interval in steps from one given in tokens (wins) or steps; None if neither is set."""
@@ -188,9 +186,7 @@ class Config:
         for key, value in overrides.items():
             section, _, name = key.partition(".")
             if section not in data or not name or name not in data[section]:
-                raise ConfigError(
-                    f"{source}: unknown config field '{key}' (known: {', '.join(field_paths())})"
-                )
+                raise ConfigError(f"{source}: unknown config field '{key}' (known: {', '.join(field_paths())})")
             data[section][name] = value
         return Config.from_dict(data, source=source)
 
@@ -198,9 +194,7 @@ class Config:
     def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         """Build and validate from nested dicts; missing fields take their defaults."""
         if not isinstance(data, dict):
-            raise ConfigError(
-                f"{source}: expected a mapping with sections {list(SECTIONS)}, got {type(data).__name__}"
-            )
+            raise ConfigError(f"{source}: expected a mapping with sections {list(SECTIONS)}, got {type(data).__name__}")
         sections = {}
         for key, value in data.items():
             if key not in SECTIONS:
@@ -223,8 +217,7 @@ class Config:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (yaml.YAMLError, json.JSONDecodeError) as e:
             raise ConfigError(
-                f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                f"{' '.join(str(e).split())}"
+                f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {' '.join(str(e).split())}"
             ) from None
         config = Config.from_dict(data or {}, source=str(path))
         return config.replace(overrides, source=str(path)) if overrides else config
@@ -408,9 +401,7 @@ def parse_override_args(args: list[str]) -> dict[str, str]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(
-                f"command line: unexpected argument {arg!r} (overrides look like --optimizer.lr 3e-4)"
-            )
+            raise ConfigError(f"command line: unexpected argument {arg!r} (overrides look like --optimizer.lr 3e-4)")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):

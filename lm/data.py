@@ -66,9 +66,7 @@ def open_tokens(
         except (ValueError, OSError) as e:
             raise DataError(f"{path}: {field}: not a readable .npy file ({e})") from None
         if tokens.dtype.name not in TOKEN_DTYPES:
-            raise DataError(
-                f"{path}: {field}: expected token dtype {'/'.join(TOKEN_DTYPES)}, got {tokens.dtype}"
-            )
+            raise DataError(f"{path}: {field}: expected token dtype {'/'.join(TOKEN_DTYPES)}, got {tokens.dtype}")
         if tokens.ndim != 1:
             raise DataError(f"{path}: {field}: expected a 1-D token array, got shape {tokens.shape}")
     else:
@@ -80,9 +78,7 @@ def open_tokens(
         itemsize = np.dtype(dtype).itemsize
         size = path.stat().st_size
         if size % itemsize:
-            raise DataError(
-                f"{path}: {field}: size {size} bytes is not a multiple of {dtype}'s {itemsize} bytes"
-            )
+            raise DataError(f"{path}: {field}: size {size} bytes is not a multiple of {dtype}'s {itemsize} bytes")
         tokens = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
     if len(tokens) < context_length + 2:
         raise DataError(

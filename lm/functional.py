@@ -58,9 +58,7 @@ def default_chunk_rows(vocab_size: int) -> int:
     return max(64, (1 << 20) // vocab_size)
 
 
-def _linear_cross_entropy_chunks(
-    h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, need_grad: bool
-):
+def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, need_grad: bool):
     """Sum of CE over rows of h @ weight.T, chunk by chunk; with need_grad also n * dL/dh and n * dL/dW."""
     grad_h = torch.empty_like(h) if need_grad else None
     grad_w = torch.zeros_like(weight) if need_grad else None

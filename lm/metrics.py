@@ -79,11 +79,7 @@ class RunLogger:
         self._csv_file.flush()
         if self._tb is not None:
             for key, value in metrics.items():
-                if (
-                    key not in ("step", "tokens_seen")
-                    and isinstance(value, (int, float))
-                    and math.isfinite(value)
-                ):
+                if key not in ("step", "tokens_seen") and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, global_step=metrics["tokens_seen"])
             self._tb.flush()
         if self._bar is not None:
@@ -121,11 +117,7 @@ def _fmt(key: str, value: Any) -> str:
 
 
 def _line(kind: str, metrics: dict[str, Any]) -> str:
-    keys = (
-        ["train_loss", "lr", "grad_norm", "tokens_per_s"]
-        if kind == "train"
-        else ["val_loss", "val_perplexity"]
-    )
+    keys = ["train_loss", "lr", "grad_norm", "tokens_per_s"] if kind == "train" else ["val_loss", "val_perplexity"]
     body = " | ".join(_fmt(k, metrics[k]) for k in keys if metrics.get(k) is not None)
     return f"[{kind:5s}] step {metrics['step']:>6} | tokens {metrics['tokens_seen']:>11,} | {body}"
 

@@ -101,9 +101,7 @@ def get_lr_cosine_schedule(
         return max_learning_rate * it / warmup_iters
     if it <= cosine_cycle_iters:
         progress = (it - warmup_iters) / max(1, cosine_cycle_iters - warmup_iters)
-        return min_learning_rate + 0.5 * (1.0 + math.cos(math.pi * progress)) * (
-            max_learning_rate - min_learning_rate
-        )
+        return min_learning_rate + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_learning_rate - min_learning_rate)
     return min_learning_rate
 
 

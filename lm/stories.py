@@ -391,24 +391,14 @@ GIFT = _phrase(
     article=True,
 )
 MOVE_TAIL = {
-    "single": Choice(
-        [(".", 4, None), (" to play.", 2, None), (" with", 2, "with"), (" to look for the", 1, "item")]
-    ),
-    "they": Choice(
-        [(".", 4, None), (" to play.", 2, None), (" together.", 2, None), (" to look for the", 1, "item")]
-    ),
+    "single": Choice([(".", 4, None), (" to play.", 2, None), (" with", 2, "with"), (" to look for the", 1, "item")]),
+    "they": Choice([(".", 4, None), (" to play.", 2, None), (" together.", 2, None), (" to look for the", 1, "item")]),
 }
 PLAY_TAIL = {
-    "single": Choice(
-        [(".", 3, None), (" all day.", 1, None), (" with", 2, "with"), (" after lunch.", 1, None)]
-    ),
-    "they": Choice(
-        [(".", 3, None), (" all day.", 1, None), (" together.", 2, None), (" after lunch.", 1, None)]
-    ),
+    "single": Choice([(".", 3, None), (" all day.", 1, None), (" with", 2, "with"), (" after lunch.", 1, None)]),
+    "they": Choice([(".", 3, None), (" all day.", 1, None), (" together.", 2, None), (" after lunch.", 1, None)]),
 }
-SAW_TAIL = Choice(
-    [(".", 3, None), (" in", 1, "place"), (" and smiled.", 1, None), (" and said hello.", 1, None)]
-)
+SAW_TAIL = Choice([(".", 3, None), (" in", 1, "place"), (" and smiled.", 1, None), (" and said hello.", 1, None)])
 LOST_TAIL = Choice([(".", 2, None), (" in", 1, "place"), (" and cried.", 1, None)])
 LOOK_TAIL = Choice([(".", 2, None), (" everywhere.", 1, None), (" in", 1, "place")])
 ATE_TAIL = {

@@ -84,15 +84,11 @@ def open_data(config: Config) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, config: Config, device, autocast
-) -> float:
+def evaluate(model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, config: Config, device, autocast) -> float:
     """Mean cross-entropy (nats/token) over the fixed validation windows."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in validation_batches(
-        val, starts, config.model.context_length, config.data.val_batch_size, device
-    ):
+    for x, y in validation_batches(val, starts, config.model.context_length, config.data.val_batch_size, device):
         with autocast():
             loss = model(x, y)
         total += loss.item() * y.numel()
@@ -101,9 +97,7 @@ def evaluate(
     return total / count
 
 
-def _every(
-    step: int, tokens: int, tokens_per_step: int, steps_interval: int | None, tokens_interval: int | None
-):
+def _every(step: int, tokens: int, tokens_per_step: int, steps_interval: int | None, tokens_interval: int | None):
     """True at the first step at or past each multiple of the interval (tokens win over steps)."""
     if tokens_interval is not None:
         return tokens // tokens_interval > (tokens - tokens_per_step) // tokens_interval
@@ -124,9 +118,7 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def train(
-    config: Config, reporter: Reporter | None = None, resume_from: str | Path | None = None
-) -> dict[str, Any]:
+def train(config: Config, reporter: Reporter | None = None, resume_from: str | Path | None = None) -> dict[str, Any]:
     """Train `config` to its token budget and return a summary dict.
 
     `resume_from`: a training-state checkpoint (continues bit for bit: model, optimizer, step, batch
@@ -153,9 +145,7 @@ def train(
     random.seed(t.seed)
     model = TransformerLM.from_config(config.model, device=device)
     o = config.optimizer
-    optimizer = AdamW(
-        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
-    )
+    optimizer = AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     sampler = BatchSampler(train_tokens, config.data.batch_size, config.model.context_length, seed=t.seed)
     step, tokens_seen, best_val = 0, 0, math.inf
     if resume_state is not None:
@@ -164,9 +154,7 @@ def train(
             optimizer.load_state_dict(resume_state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
-            raise CheckpointError(
-                f"{resume_from}: does not fit this model/optimizer config ({first})"
-            ) from None
+            raise CheckpointError(f"{resume_from}: does not fit this model/optimizer config ({first})") from None
         step = int(resume_state["iteration"])
         if is_training_state(resume_state):
             tokens_seen = int(resume_state["tokens_seen"])
@@ -178,9 +166,7 @@ def train(
 
     step_model = torch.compile(model) if t.compile else model
     autocast = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype))
-        if amp_dtype is not None
-        else contextlib.nullcontext
+        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     )
     val_starts = validation_starts(len(val_tokens), config.data.val_windows, config.model.context_length)
     total_steps, tps = config.total_steps, config.tokens_per_step
@@ -245,9 +231,7 @@ def train(
             train_time += time.perf_counter() - step_start
 
             do_log = step % t.log_interval == 0 or step == total_steps
-            do_eval = step == total_steps or _every(
-                step, tokens_seen, tps, eval_every_steps, t.eval_interval_tokens
-            )
+            do_eval = step == total_steps or _every(step, tokens_seen, tps, eval_every_steps, t.eval_interval_tokens)
             if do_log or do_eval:
                 # .item() syncs with the device: only at log/eval steps, never every step.
                 train_loss = loss.item()
@@ -333,8 +317,7 @@ def train(
             "eval_time_s": eval_time,
             "checkpoint_time_s": ckpt_time,
             "report_time_s": report_time,
-            "tokens_per_s": (tokens_seen - (resume_state or {}).get("tokens_seen", 0))
-            / max(train_time, 1e-9),
+            "tokens_per_s": (tokens_seen - (resume_state or {}).get("tokens_seen", 0)) / max(train_time, 1e-9),
             "out_dir": str(out_dir),
         }
         if diverged_at is not None and reporter is not None:
@@ -359,9 +342,7 @@ def train(
 
 def _summary_line(summary: dict[str, Any]) -> str:
     if summary["diverged"]:
-        return (
-            f"DIVERGED at step {summary['diverged_step']}; last good checkpoint kept in {summary['out_dir']}"
-        )
+        return f"DIVERGED at step {summary['diverged_step']}; last good checkpoint kept in {summary['out_dir']}"
     line = f"done: {summary['steps']} steps, {summary['tokens_seen']:,} tokens"
     if summary["final_val_loss"] is not None:
         line += f" | val loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f})"
@@ -398,9 +379,7 @@ def config_from_cli(args: list[str]) -> tuple[Config, str | None]:
     if resume_from is not None:
         saved = read_checkpoint(resume_from).get("config")
         if saved is not None:
-            return Config.from_dict(saved, source=str(resume_from)).replace(
-                overrides, "command line"
-            ), resume_from
+            return Config.from_dict(saved, source=str(resume_from)).replace(overrides, "command line"), resume_from
     return Config().replace(overrides, "command line"), resume_from
 
 

@@ -39,12 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"{sweep_dir}: no trial of this sweep left a checkpoint")
         overrides.setdefault("train.out_dir", str(sweep_dir / "best" / "continued"))
         overrides.setdefault("train.progress", "auto")
-        config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(
-            overrides, "command line"
-        )
-        print(
-            f"continuing trial {sweep.best_trial_id} from {checkpoint} to {config.train.max_tokens:,} tokens"
-        )
+        config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(overrides, "command line")
+        print(f"continuing trial {sweep.best_trial_id} from {checkpoint} to {config.train.max_tokens:,} tokens")
         summary = train(config, resume_from=checkpoint)
     except (ConfigError, DataError, CheckpointError) as e:
         if debug:

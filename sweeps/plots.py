@@ -41,9 +41,7 @@ def _numeric(series) -> bool:
 
 
 def _log_scale(values) -> bool:
-    v = np.asarray(
-        [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], float
-    )
+    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], float)
     return len(v) > 0 and (v > 0).all() and v.max() / v.min() > 20
 
 
@@ -91,9 +89,7 @@ def _best_vs_param(sweep: Sweep, key: str, path: Path) -> Path:
     ):
         part = df[(df["status"] == status) & df["best_val_loss"].notna()]
         if not part.empty:
-            ax.scatter(
-                part[key], part["best_val_loss"], marker=marker, color=colour, label=status.replace("_", " ")
-            )
+            ax.scatter(part[key], part["best_val_loss"], marker=marker, color=colour, label=status.replace("_", " "))
     if _log_scale(df[key]):
         ax.set_xscale("log")
     ax.set_xlabel(key)

@@ -76,11 +76,7 @@ class Sweep:
     @property
     def best_checkpoint(self) -> Path | None:
         row = self.best_row
-        return (
-            None
-            if row is None or not isinstance(row["best_checkpoint"], str)
-            else Path(row["best_checkpoint"])
-        )
+        return None if row is None or not isinstance(row["best_checkpoint"], str) else Path(row["best_checkpoint"])
 
 
 def load_sweep(path: str | Path, result_grid: Any = None) -> Sweep:
@@ -128,9 +124,7 @@ def _trial_row(trial: Any, result: Any, meta: dict[str, Any]) -> tuple[dict[str,
     row["diverged_step"] = last.get("diverged_step") if row["diverged"] else None
     row["error"] = _error_message(result.error) if result.error is not None else None
     # A trial that ended cleanly before its last step's evaluation was stopped by the scheduler.
-    row["stopped_early"] = bool(
-        trial.status == "TERMINATED" and not row["diverged"] and not last.get("final_eval")
-    )
+    row["stopped_early"] = bool(trial.status == "TERMINATED" and not row["diverged"] and not last.get("final_eval"))
     row["status"] = _status(trial.status, row)
     row["time_s"] = float(last.get("time_total_s", math.nan) or math.nan)
     row["node_id"] = last.get("node_id")
@@ -305,9 +299,7 @@ def print_table(sweep: Sweep, top: int = 20) -> None:
         return
     cols = ["trial_id", "status", *sweep.swept, "best_val_loss", "tokens_seen"]
     ranked = df.sort_values("best_val_loss", ascending=sweep.mode == "min", na_position="last").head(top)
-    with pd.option_context(
-        "display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format
-    ):
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(ranked[cols].to_string(index=False))
     best = sweep.best_row
     if best is not None:

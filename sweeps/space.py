@@ -179,9 +179,7 @@ def _apply_set(raw: dict[str, Any], item: str, src: str) -> None:
         raw["parameters"] = raw["parameters"] or {}
         raw["parameters"][key] = {"value": value}
     else:
-        raise SpaceError(
-            f"--set {item}: unknown key '{key}' (a sweep setting or a config field such as optimizer.lr)"
-        )
+        raise SpaceError(f"--set {item}: unknown key '{key}' (a sweep setting or a config field such as optimizer.lr)")
 
 
 def _section(raw: dict, key: str, src: str, allowed: set[str]) -> dict[str, Any]:
@@ -228,9 +226,7 @@ def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise SpaceError(f"{src}: name: expected letters, digits, '-', '_' or '.', got {name!r}")
 
-    base_path = (
-        _resolve_base(raw["base_config"], src, spec_dir) if raw.get("base_config") is not None else None
-    )
+    base_path = _resolve_base(raw["base_config"], src, spec_dir) if raw.get("base_config") is not None else None
     try:
         base = Config.from_file(base_path) if base_path else Config()
     except ConfigError as e:
@@ -290,19 +286,13 @@ def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None
             )
 
     stop = _section(raw, "stop", src, {"max_tokens", "divergence_loss"})
-    max_tokens = _number(
-        stop.get("max_tokens"), f"{src}: stop.max_tokens", int, positive=True, allow_none=True
-    )
-    div = _number(
-        stop.get("divergence_loss"), f"{src}: stop.divergence_loss", float, positive=True, allow_none=True
-    )
+    max_tokens = _number(stop.get("max_tokens"), f"{src}: stop.max_tokens", int, positive=True, allow_none=True)
+    div = _number(stop.get("divergence_loss"), f"{src}: stop.divergence_loss", float, positive=True, allow_none=True)
     ckpt = _section(raw, "checkpoint", src, {"num_to_keep"})
     num_to_keep = _number(ckpt.get("num_to_keep", 2), f"{src}: checkpoint.num_to_keep", int, positive=True)
     max_failures = _number(raw.get("max_failures", 2), f"{src}: max_failures", int)
     if max_failures < -1:
-        raise SpaceError(
-            f"{src}: max_failures: expected an integer >= 0 (or -1 for unlimited), got {max_failures}"
-        )
+        raise SpaceError(f"{src}: max_failures: expected an integer >= 0 (or -1 for unlimited), got {max_failures}")
 
     params_raw = raw.get("parameters") or {}
     if not isinstance(params_raw, dict):
@@ -362,9 +352,7 @@ def _parse_param(path: str, spec: Any, src: str, algorithm: str) -> Param:
 
     if "value" in spec:
         if len(spec) > 1:
-            raise SpaceError(
-                f"{where}: 'value' (a constant) cannot be combined with {sorted(set(spec) - {'value'})}"
-            )
+            raise SpaceError(f"{where}: 'value' (a constant) cannot be combined with {sorted(set(spec) - {'value'})}")
         return Param(path, "value", values=[typed(spec["value"], "value")])
     dist = spec.get("distribution", "values" if "values" in spec else None)
     if dist == "log_uniform":
@@ -395,9 +383,7 @@ def _parse_param(path: str, spec: Any, src: str, algorithm: str) -> Param:
             raise SpaceError(f"{where}.{key}: required for distribution {dist}")
     kind = int if dist == "int_uniform" else float
     if _base_type(annotation) not in (int, float):
-        raise SpaceError(
-            f"{where}.distribution: {dist} draws numbers, but {path} is not numeric; use 'values'"
-        )
+        raise SpaceError(f"{where}.distribution: {dist} draws numbers, but {path} is not numeric; use 'values'")
     lo = _number(spec["min"], f"{where}.min", kind)
     hi = _number(spec["max"], f"{where}.max", kind)
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:

@@ -26,9 +26,7 @@ from sweeps.space import SweepSpec
 STATE_FILE = "state.pt"  # the training state inside each Ray checkpoint directory
 
 
-def trial_config(
-    spec: SweepSpec, sampled: dict[str, Any], trial_dir: Path, gpu: float, threads: int
-) -> Config:
+def trial_config(spec: SweepSpec, sampled: dict[str, Any], trial_dir: Path, gpu: float, threads: int) -> Config:
     """The sweep's base config + sampled overrides, with this trial's device, threads and output dir."""
     config = spec.trial_config(sampled)
     overrides: dict[str, Any] = {

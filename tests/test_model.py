@@ -759,9 +759,7 @@ def test_mha_sdpa_and_reference_paths_agree_with_grads():
 
 def test_mha_is_causal():
     torch.manual_seed(0)
-    attn = lm.MultiHeadSelfAttention(
-        MHA_D, MHA_H, rope=lm.RotaryPositionalEmbedding(THETA, MHA_D // MHA_H, 32)
-    )
+    attn = lm.MultiHeadSelfAttention(MHA_D, MHA_H, rope=lm.RotaryPositionalEmbedding(THETA, MHA_D // MHA_H, 32))
     x = torch.randn(1, MHA_S, MHA_D)
     y = x.clone()
     y[:, 7:] = torch.randn(1, MHA_S - 7, MHA_D)
