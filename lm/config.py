@@ -114,6 +114,8 @@ class TrainConfig:
     """Write a training-state checkpoint every N tokens; null: at every eval."""
     keep_checkpoints: int = 2
     """Periodic checkpoints kept on disk (best and final are kept besides)."""
+    save_best_and_final: bool = True
+    """Also write checkpoints/best.pt and final.pt (sweep trials turn this off: Ray keeps theirs)."""
     seed: int = 0
     """Seeds model init, batch sampling and dropout-free training: same seed, same losses (CPU)."""
     device: str = "auto"

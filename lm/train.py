@@ -2,7 +2,7 @@
 
     python -m lm.train                                   # tiny model on the built-in story corpus
     python -m lm.train --config configs/tiny.yaml --optimizer.lr 1e-3 --train.out_dir runs/lr1e-3
-    python -m lm.train --resume-from runs/default/checkpoints/last.pt --train.max_tokens 6_000_000
+    python -m lm.train --resume-from runs/default/checkpoints/final.pt --train.max_tokens 6_000_000
 
 Each step: get_batch, forward, cross-entropy, backward, clip_gradients, lr from the schedule, AdamW step.
 Evaluations run on fixed validation windows at token multiples; each writes a training-state checkpoint
@@ -147,7 +147,7 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
     o = config.optimizer
     optimizer = AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     sampler = BatchSampler(train_tokens, config.data.batch_size, config.model.context_length, seed=t.seed)
-    step, tokens_seen, best_val = 0, 0, math.inf
+    step, tokens_seen, best_val, last_val = 0, 0, math.inf, None
     if resume_state is not None:
         try:
             load_model_state(model, resume_state["model"])
@@ -159,6 +159,7 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
         if is_training_state(resume_state):
             tokens_seen = int(resume_state["tokens_seen"])
             best_val = float(resume_state.get("best_val_loss", math.inf))
+            last_val = resume_state.get("val_loss")
             sampler.load_state_dict(resume_state["sampler"])
             _set_rng_states(resume_state["rng"])
         else:
@@ -185,7 +186,7 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
 
     params = [p for p in model.parameters() if p.requires_grad]
     diverged_at: int | None = None
-    last_val: float | None = None
+    train_loss: float | None = None
     train_time = 0.0  # seconds inside training steps (the sweep benchmark's utilization numerator)
     eval_time = ckpt_time = report_time = 0.0  # where the rest goes (cumulative, reported with each eval)
     window_start, window_tokens = time.perf_counter(), 0
@@ -203,6 +204,7 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
             "rng": _rng_states(),
             "best_val_loss": best_val,
             "val_loss": last_val,
+            "train_loss": train_loss,
             "kind": kind,
         }
 
@@ -212,7 +214,56 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
             old.unlink(missing_ok=True)
         return path
 
+    def checkpoint_due() -> bool:
+        return t.checkpoint_interval_tokens is not None and _every(
+            step, tokens_seen, tps, None, t.checkpoint_interval_tokens
+        )
+
+    def evaluate_and_report(train_loss: float | None, lr: float) -> bool:
+        """Evaluate on the fixed windows, log, checkpoint, hand both to the reporter. True if diverged."""
+        nonlocal last_val, best_val, eval_time, ckpt_time, report_time, diverged_at
+        eval_start = time.perf_counter()
+        val_loss = evaluate(step_model, val_tokens, val_starts, config, device, autocast)
+        eval_time += time.perf_counter() - eval_start
+        if not math.isfinite(val_loss) or val_loss > ceiling:
+            diverged_at = step
+            logger.info(f"diverged at step {step}: val loss {val_loss}")
+            return True
+        last_val = val_loss
+        improved = val_loss < best_val
+        best_val = min(best_val, val_loss)
+        metrics = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_perplexity": math.exp(min(val_loss, 700.0)),
+            "best_val_loss": best_val,
+            "lr": lr,
+            "elapsed_s": time.perf_counter() - started,
+            "train_time_s": train_time,
+            "eval_time_s": eval_time,
+            "checkpoint_time_s": ckpt_time,
+            "report_time_s": report_time,  # up to the previous report
+            "final_eval": step == total_steps,  # lets a sweep tell "ran to the end" from "stopped"
+        }
+        logger.record("eval", metrics)  # files first: a trial stopped by its scheduler ends in the reporter
+        ckpt_start = time.perf_counter()
+        if improved and t.save_best_and_final:
+            save_training_state(state("best"), ckpt_dir / "best.pt")
+        ckpt = write_periodic() if t.checkpoint_interval_tokens is None or checkpoint_due() else None
+        report_start = time.perf_counter()
+        ckpt_time += report_start - ckpt_start
+        if reporter is not None:
+            reporter(metrics, ckpt)
+        report_time += time.perf_counter() - report_start
+        return False
+
     try:
+        if resume_state is not None and step >= total_steps:
+            # Resumed at the very end (e.g. a sweep restored a trial whose completion it had not recorded):
+            # evaluate and report again, so the caller sees the final result instead of nothing.
+            evaluate_and_report(resume_state.get("train_loss"), config.lr_at(max(step - 1, 0)))
         while step < total_steps:
             step_start = time.perf_counter()
             x, y = sampler.next(device)
@@ -255,53 +306,14 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
                 )
                 window_start, window_tokens = now, 0
             if do_eval:
-                eval_start = time.perf_counter()
-                val_loss = evaluate(step_model, val_tokens, val_starts, config, device, autocast)
-                eval_time += time.perf_counter() - eval_start
-                if not math.isfinite(val_loss) or val_loss > ceiling:
-                    diverged_at = step
-                    logger.info(f"diverged at step {step}: val loss {val_loss}")
+                if evaluate_and_report(train_loss, lr):
                     break
-                last_val = val_loss
-                improved = val_loss < best_val
-                best_val = min(best_val, val_loss)
-                metrics = {
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_perplexity": math.exp(min(val_loss, 700.0)),
-                    "best_val_loss": best_val,
-                    "lr": lr,
-                    "elapsed_s": time.perf_counter() - started,
-                    "train_time_s": train_time,
-                    "eval_time_s": eval_time,
-                    "checkpoint_time_s": ckpt_time,
-                    "report_time_s": report_time,  # up to the previous report
-                    "final_eval": step == total_steps,  # lets a sweep tell "ran to the end" from "stopped"
-                }
-                logger.record("eval", metrics)
-                ckpt_start = time.perf_counter()
-                if improved:
-                    save_training_state(state("best"), ckpt_dir / "best.pt")
-                ckpt = None
-                if t.checkpoint_interval_tokens is None or _every(
-                    step, tokens_seen, tps, None, t.checkpoint_interval_tokens
-                ):
-                    ckpt = write_periodic()
-                report_start = time.perf_counter()
-                ckpt_time += report_start - ckpt_start
-                if reporter is not None:
-                    reporter(metrics, ckpt)  # a sweep trial stopped by its scheduler ends inside this call
-                report_time += time.perf_counter() - report_start
                 window_start = time.perf_counter()  # eval and checkpoint time is not training throughput
-            elif t.checkpoint_interval_tokens is not None and _every(
-                step, tokens_seen, tps, None, t.checkpoint_interval_tokens
-            ):
+            elif checkpoint_due():
                 write_periodic()
 
         elapsed = time.perf_counter() - started
-        if diverged_at is None and step == total_steps:
+        if diverged_at is None and step == total_steps and t.save_best_and_final:
             save_training_state(state("final"), ckpt_dir / "final.pt")
         summary = {
             "status": "diverged" if diverged_at is not None else "completed",

@@ -260,7 +260,7 @@ def summary_markdown(sweep: Sweep, out: Path, top: int = 10) -> str:
     diverged = df[df["status"] == "diverged"]
     if len(diverged):
         lines += ["", "## Diverged", ""]
-        lines += [f"- `{r.trial_id}` at step {r.diverged_step}" for r in diverged.itertuples()]
+        lines += [f"- `{r.trial_id}` at step {int(r.diverged_step)}" for r in diverged.itertuples()]
     lines += ["", "Plots: `plots/`. Tables: `results.csv`, `results.parquet`, `history.parquet`.", ""]
     return "\n".join(lines)
 

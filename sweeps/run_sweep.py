@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         gpu = gpus_per_trial(spec)
         threads = max(1, int(spec.cpu))
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, spec=spec, threads=threads, gpu=gpu),
+            tune.with_parameters(train_trial, spec=spec, threads=threads, gpu=gpu, exp_dir=str(exp_dir)),
             {"cpu": spec.cpu, "gpu": gpu},
         )
         total_cpus = ray.cluster_resources().get("CPU", 1)
@@ -324,15 +324,18 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 run_config=run_config,
             )
-        results = tuner.fit()
+        tuner.fit()  # does not raise for failed trials: the saved state is read below
     finally:
         import ray
 
         ray.shutdown()
-    sweep = load_sweep(exp_dir if exp_dir.exists() else exp_path, result_grid=results)
+    # Read the saved experiment state, not `results`: after Ctrl-C Ray marks the interrupted trials
+    # TERMINATED in memory, while the saved state (what --resume continues) still has them running.
+    sweep = load_sweep(exp_dir if (exp_dir / META_FILE).exists() else exp_path)
     write_results(sweep, exp_dir)
     print_table(sweep)
-    unfinished = sweep.dataframe["status"].isin(["pending", "running", "paused"]).sum()
+    unfinished = int(sweep.dataframe["status"].isin(["pending", "running", "paused"]).sum())
+    unfinished += max(0, spec.expected_trials - len(sweep.dataframe))  # never started
     if unfinished:
         print(
             f"interrupted with {unfinished} trials unfinished: resume with\n  python sweeps/run_sweep.py "

@@ -125,6 +125,13 @@ class SweepSpec:
         return self.trial_base().replace({**constants, **sampled}, source="trial")
 
     @property
+    def expected_trials(self) -> int:
+        """Trials a complete sweep runs: num_samples, times the grid's size under algorithm grid."""
+        if self.algorithm != "grid":
+            return self.num_samples
+        return self.num_samples * math.prod(len(p.values) for p in self.params.values() if p.distribution == "values")
+
+    @property
     def total_tokens(self) -> int:
         return self.trial_base().train.max_tokens
 

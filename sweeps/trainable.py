@@ -26,11 +26,14 @@ from sweeps.space import SweepSpec
 STATE_FILE = "state.pt"  # the training state inside each Ray checkpoint directory
 
 
-def trial_config(spec: SweepSpec, sampled: dict[str, Any], trial_dir: Path, gpu: float, threads: int) -> Config:
+def trial_config(spec: SweepSpec, sampled: dict[str, Any], run_dir: Path, gpu: float, threads: int) -> Config:
     """The sweep's base config + sampled overrides, with this trial's device, threads and output dir."""
     config = spec.trial_config(sampled)
     overrides: dict[str, Any] = {
-        "train.out_dir": str(trial_dir / "run"),
+        "train.out_dir": str(run_dir),
+        # Ray keeps the trial's checkpoints (num_to_keep): locally only the one being reported is needed.
+        "train.keep_checkpoints": 1,
+        "train.save_best_and_final": False,
         "train.device": "cuda" if gpu > 0 else "cpu",  # Ray set CUDA_VISIBLE_DEVICES to this trial's share
         "train.progress": "off",  # the driver prints one line per result
         "train.tensorboard": False,  # Ray's own result files cover the sweep
@@ -40,10 +43,15 @@ def trial_config(spec: SweepSpec, sampled: dict[str, Any], trial_dir: Path, gpu:
     return config.replace(overrides, source="trial")
 
 
-def train_trial(sampled: dict[str, Any], spec: SweepSpec, threads: int, gpu: float) -> None:
-    """Function trainable: `sampled` is the searcher's config for this trial (dotted config paths)."""
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    config = trial_config(spec, sampled, trial_dir, gpu, threads)
+def train_trial(sampled: dict[str, Any], spec: SweepSpec, threads: int, gpu: float, exp_dir: str) -> None:
+    """Function trainable: `sampled` is the searcher's config for this trial (dotted config paths).
+
+    The loop's own files (train.log, metrics, the checkpoint being reported) go to
+    EXP_DIR/<trial dir name>/run: Ray's trial directory of a reused actor is a session directory that is
+    never copied to storage, so logs written there would be lost.
+    """
+    trial_dir = Path(exp_dir) / Path(tune.get_context().get_trial_dir()).name
+    config = trial_config(spec, sampled, trial_dir / "run", gpu, threads)
     _check_data_here(config)
 
     resume_from = None

@@ -36,7 +36,7 @@ def spec(tmp_path, small_corpus):
 
 
 def test_trial_config_is_base_plus_overrides_with_trial_settings(spec, tmp_path):
-    cfg = trial_config(spec, {"optimizer.lr": 3e-3, "optimizer.warmup_iters": 4.6}, tmp_path / "trial", 0, 1)
+    cfg = trial_config(spec, {"optimizer.lr": 3e-3, "optimizer.warmup_iters": 4.6}, tmp_path / "trial" / "run", 0, 1)
     assert cfg.optimizer.lr == 3e-3
     assert cfg.optimizer.warmup_iters == 5  # a continuous draw for an int field is rounded
     assert cfg.model.d_ff == 96  # constant parameter
@@ -44,6 +44,7 @@ def test_trial_config_is_base_plus_overrides_with_trial_settings(spec, tmp_path)
     assert (cfg.train.max_tokens, cfg.train.divergence_loss) == (20_000, 7.5)  # stop.* settings
     assert cfg.train.device == "cpu" and cfg.train.num_threads == 1
     assert cfg.train.out_dir == str(tmp_path / "trial" / "run")
+    assert cfg.train.keep_checkpoints == 1 and not cfg.train.save_best_and_final  # Ray keeps trial checkpoints
     assert Path(cfg.data.train_path).is_absolute()
 
 
