@@ -37,8 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = sweep.best_checkpoint
         if checkpoint is None:
             raise CheckpointError(f"{sweep_dir}: no trial of this sweep left a checkpoint")
-        overrides.setdefault("train.out_dir", str(sweep_dir / "best" / "continued"))
-        overrides.setdefault("train.progress", "auto")
+        # A trial's run settings (its device share, threads, Ray-managed checkpoints) do not carry over.
+        for key, value in {
+            "train.out_dir": str(sweep_dir / "best" / "continued"),
+            "train.progress": "auto",
+            "train.device": "auto",
+            "train.num_threads": None,
+            "train.keep_checkpoints": 2,
+            "train.save_best_and_final": True,
+        }.items():
+            overrides.setdefault(key, value)
         config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(overrides, "command line")
         print(f"continuing trial {sweep.best_trial_id} from {checkpoint} to {config.train.max_tokens:,} tokens")
         summary = train(config, resume_from=checkpoint)

@@ -109,7 +109,7 @@ def load_sweep(path: str | Path, result_grid: Any = None) -> Sweep:
 
 def _trial_row(trial: Any, result: Any, meta: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame | None]:
     metric, mode = meta.get("metric", "val_loss"), meta.get("mode", "min")
-    config = result.config or {}
+    config = trial.config or result.config or {}  # a trial that failed before reporting has no result config
     last = result.metrics or {}
     hist = result.metrics_dataframe
     row: dict[str, Any] = {"trial_id": trial.trial_id, "trial_number": _trial_number(trial)}

@@ -1,0 +1,178 @@
+"""GPU figures (run on a CUDA machine): 17M training throughput, and trials sharing one GPU.
+
+    python benchmarks/bench_gpu.py throughput [--steps 30] [--batch 128]
+    python benchmarks/bench_gpu.py sharing [--tokens 20_000_000] [--share 0.25]
+
+`throughput`: the CS336 TinyStories 17M config (vocab 10000, context 256, d_model 512, 4 layers, 16 heads,
+d_ff 1344) training on random tokens, tokens/s for fp32, bf16 autocast, and bf16 + torch.compile (the
+sweep default on CUDA), each with the compile time.
+`sharing`: the same model in a real sweep (`sweeps/run_sweep.py`, FIFO, fixed config) once as ONE trial
+alone on the GPU, then as 1/share trials sharing it (`resources_per_trial.gpu: share`); prints per-trial
+tokens/s (tokens seen / time inside training steps), total tokens/s and mean GPU utilization (sampled
+from nvidia-smi every 0.5 s) for both, and the ratio of totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lm  # noqa: E402
+from lm.config import ModelConfig  # noqa: E402
+
+MODEL = ModelConfig(10000, 256, 512, 4, 16, 1344)
+
+
+def throughput(steps: int, batch: int) -> None:
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x = torch.randint(0, MODEL.vocab_size, (batch, MODEL.context_length), device=device)
+    y = torch.randint(0, MODEL.vocab_size, (batch, MODEL.context_length), device=device)
+    rows = []
+    for name, dtype, compiled in (
+        ("fp32 (tf32)", None, False),
+        ("bf16", torch.bfloat16, False),
+        ("bf16 + compile", torch.bfloat16, True),
+    ):
+        torch.manual_seed(0)
+        model = lm.TransformerLM.from_config(MODEL, device=device)
+        opt = lm.AdamW(model.parameters(), lr=1e-3)
+        step_model = torch.compile(model) if compiled else model
+
+        def step(step_model=step_model, model=model, opt=opt, dtype=dtype):
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+                loss = step_model(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lm.clip_gradients(model.parameters(), 1.0)
+            opt.step()
+
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / steps
+        tps = batch * MODEL.context_length / dt
+        rows.append((name, tps, 1e3 * dt, first, tps * lm.flops_per_token(MODEL) / 1e12))
+    print(
+        f"\n17M config, batch {batch} x {MODEL.context_length}, {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
+    )
+    print("| precision | tokens/s | ms/step | first step (incl. compile) s | model TFLOP/s |\n|---|---|---|---|---|")
+    for name, tps, ms, first, tflops in rows:
+        print(f"| {name} | {tps:,.0f} | {ms:.1f} | {first:.1f} | {tflops:.1f} |")
+
+
+def _gpu_utilization(samples: list[float], stop: threading.Event) -> None:
+    while not stop.is_set():
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            samples.append(float(out.stdout.split()[0]))
+        stop.wait(0.5)
+
+
+def _sweep(tmp: Path, trials: int, share: float, tokens: int, data: Path) -> tuple[pd.DataFrame, float, float]:
+    from sweeps.run_sweep import main as run_sweep
+
+    base = {
+        "model": {
+            k: getattr(MODEL, k) for k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")
+        },
+        "data": {"train_path": str(data / "train.npy"), "val_path": str(data / "val.npy"), "batch_size": 64},
+        "train": {"max_tokens": tokens, "eval_interval_tokens": tokens // 4, "compile": True},
+    }
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base))
+    space = {
+        "name": f"share{trials}",
+        "base_config": str(tmp / "base.yaml"),
+        "search": {"algorithm": "grid", "max_concurrent_trials": trials},
+        "scheduler": {"type": "fifo"},
+        "resources_per_trial": {"cpu": max(1, (os.cpu_count() or 2) // trials // 2), "gpu": share},
+        "parameters": {"train.seed": {"values": list(range(trials))}},
+    }
+    (tmp / f"space{trials}.yaml").write_text(yaml.safe_dump(space))
+    samples: list[float] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_gpu_utilization, args=(samples, stop), daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    code = run_sweep(["--space", str(tmp / f"space{trials}.yaml"), "--storage-path", str(tmp / "out"), "--quiet"])
+    wall = time.perf_counter() - t0
+    stop.set()
+    if code != 0:
+        raise SystemExit(f"sweep exited {code}")
+    hist = pd.read_parquet(tmp / "out" / f"share{trials}" / "history.parquet")
+    last = hist.sort_values("tokens_seen").groupby("trial_id").tail(1)
+    return last, wall, float(np.mean(samples)) if samples else float("nan")
+
+
+def sharing(tokens: int, share: float) -> None:
+    trials = int(round(1 / share))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "data"
+        data.mkdir()
+        rng = np.random.default_rng(0)
+        np.save(data / "train.npy", rng.integers(0, MODEL.vocab_size, 20_000_000, dtype=np.uint16))
+        np.save(data / "val.npy", rng.integers(0, MODEL.vocab_size, 200_000, dtype=np.uint16))
+        rows = []
+        for n, s in ((1, 1.0), (trials, share)):
+            last, wall, util = _sweep(tmp, n, s, tokens, data)
+            per_trial = (last["tokens_seen"] / last["train_time_s"]).tolist()
+            rows.append((n, s, per_trial, sum(per_trial), n * tokens / wall, util))
+    print(
+        f"\n{torch.cuda.get_device_name()}, 17M model bf16 + compile, {tokens:,} tokens per trial, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
+    print(
+        "| trials x GPU share | per-trial tokens/s (in steps) | total tokens/s (in steps) | total tokens/s (wall) "
+        "| mean GPU util |\n|---|---|---|---|---|"
+    )
+    for n, s, per, total, wall_tps, util in rows:
+        print(f"| {n} x {s:g} | {', '.join(f'{p:,.0f}' for p in per)} | {total:,.0f} | {wall_tps:,.0f} | {util:.0f}% |")
+    print(f"\nshared / alone, total tokens/s in steps: {rows[1][3] / rows[0][3]:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("part", choices=("throughput", "sharing"))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--tokens", type=lambda s: int(float(s.replace("_", ""))), default=20_000_000)
+    ap.add_argument("--share", type=float, default=0.25)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA GPU")
+    if args.part == "throughput":
+        throughput(args.steps, args.batch)
+    else:
+        sharing(args.tokens, args.share)
+
+
+if __name__ == "__main__":
+    main()
