@@ -321,9 +321,7 @@ def _clone_params(params):
 def test_clip_gradients_matches_torch(max_norm, grad_scale):
     ours = _params_with_grads(0, grad_scale)
     ref = _clone_params(ours)
-    total = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad) for p in ref if p.grad is not None])
-    )
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in ref if p.grad is not None]))
     triggered = total.item() > max_norm
     before = [None if p.grad is None else p.grad.clone() for p in ours]
     lm.clip_gradients(ours, max_norm)

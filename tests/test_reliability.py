@@ -296,18 +296,12 @@ def sweep_args(space: Path | None, name: str, store: Path, *extra: str) -> list[
 # ---------------------------------------------------------------------------------------------------
 
 
-TRIAL_DIR_RE = re.compile(
-    r"^train_trial_([0-9a-f]+(?:_\d{5})?)_(\d+)_"
-)  # Optuna: 1a2b3c4d; grid: 1a2b3_00000
+TRIAL_DIR_RE = re.compile(r"^train_trial_([0-9a-f]+(?:_\d{5})?)_(\d+)_")  # Optuna: 1a2b3c4d; grid: 1a2b3_00000
 
 
 def trial_dirs(exp_dir: Path) -> dict[str, Path]:
     """trial id -> trial directory in storage (train_trial_<id>_<number>_<params>_<date>)."""
-    return {
-        m.group(1): p
-        for p in exp_dir.glob("train_trial_*")
-        if (m := TRIAL_DIR_RE.match(p.name)) and p.is_dir()
-    }
+    return {m.group(1): p for p in exp_dir.glob("train_trial_*") if (m := TRIAL_DIR_RE.match(p.name)) and p.is_dir()}
 
 
 def trial_number(trial_dir: Path) -> int:
@@ -319,9 +313,7 @@ def trial_number(trial_dir: Path) -> int:
 def result_log(trial_dir: Path) -> list[dict[str, Any]]:
     """Every result Ray recorded for the trial (result.json: one JSON object per report, across restores)."""
     path = trial_dir / "result.json"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def restores(records: list[dict[str, Any]]) -> list[int]:
@@ -445,9 +437,7 @@ def test_driver_sigkill_mid_sweep_then_resume_finishes_it(small_corpus, tmp_path
     space = make_space(tmp_path, small_corpus)
     store = tmp_path / "store"
     with driver(sweep_args(space, "killed", store), ray_tmp, tmp_path) as d:
-        finished_before, running = d.wait_until(
-            lambda: _finished_and_running(d, 3), "a trial done, one running"
-        )
+        finished_before, running = d.wait_until(lambda: _finished_and_running(d, 3), "a trial done, one running")
         d.signal_group(signal.SIGKILL)
         assert d.wait() == -signal.SIGKILL
     with driver(sweep_args(None, "killed", store, "--resume"), ray_tmp, tmp_path) as resumed:
@@ -488,15 +478,11 @@ def sigint_sweep(small_corpus, tmp_path_factory) -> Iterator[dict[str, Any]]:
     store = tmp / "store"
     try:
         with driver(sweep_args(space, "interrupted", store), ray_tmp, tmp) as d:
-            finished_before, running = d.wait_until(
-                lambda: _finished_and_running(d, 3), "a trial done, one running"
-            )
+            finished_before, running = d.wait_until(lambda: _finished_and_running(d, 3), "a trial done, one running")
             d.signal_group(signal.SIGINT)
             rc_interrupted = d.wait()  # it must end by itself
             left_running = wait_session_empty(d.sid)  # Ray shut down with the driver
-        after_interrupt = (
-            read_results(store / "interrupted") if (store / "interrupted/results.csv").exists() else None
-        )
+        after_interrupt = read_results(store / "interrupted") if (store / "interrupted/results.csv").exists() else None
         with driver(sweep_args(None, "interrupted", store, "--resume"), ray_tmp, tmp) as resumed:
             rc_resumed = resumed.wait()
         yield dict(
@@ -812,10 +798,7 @@ def test_same_sweep_seed_gives_same_suggestions_in_order(twin_sweeps):
     a, b = read_results(twin_sweeps["a"]), read_results(twin_sweeps["b"])
     assert len(a) == len(b) == 3
     params = [
-        [
-            json.loads((p / "params.json").read_text())
-            for p in sorted(trial_dirs(exp).values(), key=trial_number)
-        ]
+        [json.loads((p / "params.json").read_text()) for p in sorted(trial_dirs(exp).values(), key=trial_number)]
         for exp in (twin_sweeps["a"], twin_sweeps["b"])
     ]
     assert params[0] == params[1]  # identical sampled configs, in trial order
@@ -843,9 +826,7 @@ def test_num_to_keep_bounds_ray_checkpoints_per_trial(twin_sweeps):
 @slow
 def test_trial_dirs_in_storage_hold_their_logs_and_bounded_checkpoints(twin_sweeps):
     problems = []
-    for trial_id, path in sorted(
-        trial_dirs(twin_sweeps["a"]).items(), key=lambda item: trial_number(item[1])
-    ):
+    for trial_id, path in sorted(trial_dirs(twin_sweeps["a"]).items(), key=lambda item: trial_number(item[1])):
         periodic = list(path.rglob("step_*.pt"))  # lm.train's own periodic checkpoints (keep_checkpoints: 2)
         if len(periodic) > 2:
             problems.append(f"{trial_id}: {len(periodic)} step_*.pt files in storage")
@@ -972,9 +953,7 @@ def _bad_input_cases(tmp: Path, corpus: Path) -> list[tuple[str, list[str], list
         space["parameters"].update(overrides.get("parameters", {}))
         space.update({k: v for k, v in overrides.items() if k != "parameters"})
         path = write_yaml(d / "space.yaml", space)
-        cases.append(
-            (case, ["--space", str(path), "--storage-path", str(d / "store")], [names or str(path), *expect])
-        )
+        cases.append((case, ["--space", str(path), "--storage-path", str(d / "store")], [names or str(path), *expect]))
 
     malformed = tmp / "malformed_yaml" / "space.yaml"
     malformed.parent.mkdir(parents=True)
@@ -1024,9 +1003,7 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(small_corpus, tmp_path):
     cases = _bad_input_cases(tmp_path / "cases", small_corpus)
     ray_tmp = tmp_path / "raytmp"  # must stay empty: no case may start Ray
     with ThreadPoolExecutor(4) as pool:
-        runs = [
-            (case, expect, pool.submit(_run_case, args, tmp_path, ray_tmp)) for case, args, expect in cases
-        ]
+        runs = [(case, expect, pool.submit(_run_case, args, tmp_path, ray_tmp)) for case, args, expect in cases]
         failures = []
         for case, expect, future in runs:
             proc = future.result()
@@ -1068,9 +1045,7 @@ def test_same_config_and_seed_give_bitwise_identical_losses(make_config, tmp_pat
     runs = []
     try:
         for name in ("first", "second"):
-            config = make_config(
-                {"train.device": "cpu", "train.num_threads": 1, "train.out_dir": str(tmp_path / name)}
-            )
+            config = make_config({"train.device": "cpu", "train.num_threads": 1, "train.out_dir": str(tmp_path / name)})
             train(config)
             rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             runs.append([(r["kind"], r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows])

@@ -43,8 +43,7 @@ def split_stories(tokens: np.ndarray) -> list[str]:
     ends = np.flatnonzero(np.asarray(tokens) == EOT_TOKEN)
     starts = np.concatenate([[0], ends[:-1] + 1])
     return [
-        np.asarray(tokens[s:e], dtype=np.uint8).tobytes().decode("ascii")
-        for s, e in zip(starts, ends, strict=True)
+        np.asarray(tokens[s:e], dtype=np.uint8).tobytes().decode("ascii") for s, e in zip(starts, ends, strict=True)
     ]
 
 
@@ -178,9 +177,7 @@ def _cached_digest(args: tuple[str, mp.synchronize.Barrier, mp.Queue]) -> None:
     cache, barrier, results = args
     barrier.wait()  # start together, so the callers really race
     path = builtin_data_dir(cache, **SMALL)
-    results.put(
-        (str(path), {name: (path / name).read_bytes() for name in ("train.npy", "val.npy", "meta.json")})
-    )
+    results.put((str(path), {name: (path / name).read_bytes() for name in ("train.npy", "val.npy", "meta.json")}))
 
 
 def test_concurrent_callers_all_get_the_same_complete_data(tmp_path, corpus):
