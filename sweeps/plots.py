@@ -70,6 +70,21 @@ def _curves(sweep: Sweep, key, path: Path) -> Path:
             ax.plot(h["tokens_seen"].iloc[-1], h["val_loss"].iloc[-1], "x", color="red", ms=9, mew=2)
         elif row.status == "stopped_early":
             ax.plot(h["tokens_seen"].iloc[-1], h["val_loss"].iloc[-1], "o", color=c, ms=4)
+    from sweeps.results import _entropy_floor
+
+    floor = _entropy_floor(sweep)
+    if floor:
+        ax.axhline(floor, ls="--", color="gray", lw=1)
+        ax.annotate(
+            f"entropy floor {floor:.3f}",
+            (0.99, floor),
+            xycoords=("axes fraction", "data"),
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="gray",
+        )
+    ax.set_yscale("log")  # late differences between good trials are small next to early losses
     if mappable is not None:
         fig.colorbar(mappable, ax=ax, label=key)
     ax.set_xlabel("tokens seen")
