@@ -316,10 +316,10 @@ def run(args: argparse.Namespace) -> int:
                 tune_config=tune.TuneConfig(
                     metric=spec.metric,
                     mode=spec.mode,
-                    search_alg=search_algorithm(spec),
+                    search_alg=search_algorithm(spec, max_conc),
                     scheduler=scheduler(spec),
                     num_samples=spec.num_samples,
-                    max_concurrent_trials=max_conc,
+                    max_concurrent_trials=max_conc if spec.algorithm == "optuna" else None,
                     reuse_actors=True,
                 ),
                 run_config=run_config,

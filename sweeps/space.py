@@ -478,8 +478,12 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return space
 
 
-def search_algorithm(spec: SweepSpec):
-    """OptunaSearch (seeded TPE or random sampler) or Tune's seeded random/grid variant generator."""
+def search_algorithm(spec: SweepSpec, max_concurrent: int | None = None):
+    """OptunaSearch (seeded TPE or random sampler) or Tune's seeded random/grid variant generator.
+
+    Tune applies `TuneConfig(max_concurrent_trials)` to Searchers only; the variant generator takes its
+    own `max_concurrent`, so the limit is given here for it.
+    """
     if spec.algorithm == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -493,7 +497,7 @@ def search_algorithm(spec: SweepSpec):
         return OptunaSearch(sampler=sampler)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.seed)
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent or 0)
 
 
 def scheduler(spec: SweepSpec):

@@ -501,3 +501,25 @@ def test_driver_main_rejects_bad_input_before_starting_ray(tmp_path, monkeypatch
         fragment = fragment.replace("{missing}", str(missing))
         assert fragment in lines[0], (fragment, lines[0])
     assert not (tmp_path / "results" / "lr_sweep").exists()  # nothing written for a rejected sweep
+
+
+def test_search_algorithm_carries_the_concurrency_limit_for_every_algorithm(tmp_path):
+    """Tune applies max_concurrent_trials to Searchers only: the variant generator must get it itself."""
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.space import search_algorithm
+
+    for algorithm, params in (
+        ("random", "optimizer.lr: {distribution: uniform, min: 0.001, max: 0.01}"),
+        ("grid", "optimizer.lr: {values: [0.001, 0.01]}"),
+        ("optuna", "optimizer.lr: {distribution: uniform, min: 0.001, max: 0.01}"),
+    ):
+        path = tmp_path / f"{algorithm}.yaml"
+        path.write_text(f"search: {{algorithm: {algorithm}, seed: 3}}\nparameters:\n  {params}\n")
+        searcher = search_algorithm(load_space(path), 1)
+        if algorithm == "optuna":
+            assert isinstance(searcher, OptunaSearch)  # limited by TuneConfig(max_concurrent_trials)
+        else:
+            assert isinstance(searcher, BasicVariantGenerator)
+            assert searcher.max_concurrent == 1
