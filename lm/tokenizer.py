@@ -33,7 +33,7 @@ import os
 import sys
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import BinaryIO
@@ -267,6 +267,20 @@ def count_pretokens(
     return counts
 
 
+def _merge_pair(ids: Sequence[int], a: int, b: int, new_id: int) -> list[int]:
+    """`ids` with every non-overlapping occurrence of the pair (a, b), left to right, replaced by new_id."""
+    out: list[int] = []
+    i, n = 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 def _inverse_key(token: bytes) -> tuple[int, ...]:
     """A key whose ascending order is the *descending* lexicographic order of byte strings.
 
@@ -325,16 +339,8 @@ def merges_from_counts(
         delta: dict[tuple[int, int], int] = defaultdict(int)
         for wi in pair_words.pop((a, b)):
             word = words[wi]
-            merged: list[int] = []
-            i, n = 0, len(word)
-            while i < n:
-                if i + 1 < n and word[i] == a and word[i + 1] == b:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            if len(merged) == n:
+            merged = _merge_pair(word, a, b, new_id)
+            if len(merged) == len(word):
                 continue  # stale index entry: the pair was already merged away inside this word
             freq = freqs[wi]
             for pair in zip(word, word[1:], strict=False):
@@ -536,15 +542,7 @@ class Tokenizer:
             if best is None:
                 break
             a, b, merged_id = self._merge_by_rank[best]
-            out, i, n = [], 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(merged_id)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            ids = _merge_pair(ids, a, b, merged_id)
         return tuple(ids)
 
     def _encode_ordinary(self, text: str, out: list[int]) -> None:

@@ -399,22 +399,33 @@ USAGE = """usage: python -m lm.train [--config FILE.yaml|.json] [--resume-from C
   sections: model, optimizer, data, train (see lm/config.py); e.g. --optimizer.lr 3e-4 --train.max_tokens 2e6"""
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
-        return 0
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+def run_cli(body: Callable[[], dict[str, Any]], debug: bool = False) -> int:
+    """The training CLIs' exit-code contract around `body` (which returns a `train` summary).
+
+    Bad input (ConfigError, DataError, CheckpointError) -> one line `error: ...` on stderr and 2, with the
+    traceback only when `debug`; a diverged run -> 1; otherwise 0.
+    """
     try:
-        config, resume_from = config_from_cli(argv)
-        summary = train(config, resume_from=resume_from)
+        summary = body()
     except (ConfigError, DataError, CheckpointError) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1 if summary["diverged"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0
+
+    def body() -> dict[str, Any]:
+        config, resume_from = config_from_cli([a for a in argv if a != "--debug"])
+        return train(config, resume_from=resume_from)
+
+    return run_cli(body, debug="--debug" in argv)
 
 
 if __name__ == "__main__":

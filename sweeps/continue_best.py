@@ -15,8 +15,7 @@ from pathlib import Path
 
 from lm.checkpoint import CheckpointError
 from lm.config import Config, ConfigError, parse_override_args
-from lm.data import DataError
-from lm.train import train
+from lm.train import run_cli, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,10 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    sweep_dir, rest = Path(argv[0]), argv[1:]
-    try:
+    sweep_dir, rest = Path(argv[0]), [a for a in argv[1:] if a != "--debug"]
+
+    def body() -> dict:
         overrides = parse_override_args(rest)
         from sweeps.results import load_sweep
 
@@ -49,13 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides.setdefault(key, value)
         config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(overrides, "command line")
         print(f"continuing trial {sweep.best_trial_id} from {checkpoint} to {config.train.max_tokens:,} tokens")
-        summary = train(config, resume_from=checkpoint)
-    except (ConfigError, DataError, CheckpointError) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 1 if summary["diverged"] else 0
+        return train(config, resume_from=checkpoint)
+
+    return run_cli(body, debug="--debug" in argv)
 
 
 if __name__ == "__main__":

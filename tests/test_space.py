@@ -56,10 +56,10 @@ def test_lr_sweep_fields():
     assert (spec.metric, spec.mode) == ("val_loss", "min")
     assert (spec.algorithm, spec.sampler, spec.seed, spec.max_concurrent_trials) == ("optuna", "tpe", 0, 2)
     assert (spec.scheduler, spec.time_attr) == ("asha", "tokens_seen")
-    assert spec.grace_period == 100_000 and spec.reduction_factor == 3.0
+    assert spec.grace_period == 150_000 and spec.reduction_factor == 3.0
     assert spec.num_samples == 8
     assert spec.cpu == 1.0 and spec.gpu == 0
-    assert spec.max_tokens == 900_000 and spec.total_tokens == 900_000
+    assert spec.max_tokens == 1_800_000 and spec.total_tokens == 1_800_000
     assert spec.divergence_loss == 10.0
     assert spec.num_to_keep == 2 and spec.max_failures == 2
     assert spec.swept_params == ["optimizer.lr", "optimizer.warmup_iters", "data.batch_size"]
@@ -72,7 +72,7 @@ def test_lr_sweep_fields():
     assert spec.params["model.d_model"].distribution == "value"
     assert spec.params["model.d_model"].values == [128]
     assert not spec.params["model.d_model"].swept
-    assert spec.params["train.eval_interval_tokens"].values == [100_000]
+    assert spec.params["train.eval_interval_tokens"].values == [150_000]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,8 +154,8 @@ def test_trial_config_applies_constants_and_stop_settings():
     assert spec.base_config.model.d_model == 128 and spec.base_config.train.eval_interval_tokens == 250_000
     config = spec.trial_config({})
     assert config.model.d_model == 128  # constant from the space
-    assert config.train.eval_interval_tokens == 100_000  # constant from the space (base says 250k)
-    assert config.train.max_tokens == 900_000  # stop.max_tokens (base says 3M)
+    assert config.train.eval_interval_tokens == 150_000  # constant from the space (base says 250k)
+    assert config.train.max_tokens == 1_800_000  # stop.max_tokens (base says 3M)
     assert config.train.divergence_loss == 10.0
     assert config.optimizer.lr == spec.base_config.optimizer.lr  # not sampled: the base value
 
@@ -190,7 +190,7 @@ def test_set_top_level_and_nested():
     assert spec.max_concurrent_trials == 2  # untouched siblings stay
     # New nested mappings are created on the way.
     spec = load_space(LR_SWEEP, sets=["scheduler.type=fifo"])
-    assert spec.scheduler == "fifo" and spec.grace_period == 100_000
+    assert spec.scheduler == "fifo" and spec.grace_period == 150_000
 
 
 def test_set_parameter_attribute():
