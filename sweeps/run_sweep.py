@@ -118,7 +118,15 @@ def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
     name = args.name or spec.name
     exp_dir = results_root / name
     if local_root is not None and (exp_dir / META_FILE).exists():
-        raise SweepInputError(f"{exp_dir}: a sweep named '{name}' exists: --resume it or choose another --name")
+        if args.name:
+            raise SweepInputError(f"{exp_dir}: a sweep named '{name}' exists: --resume it or choose another --name")
+        # Running the same space again without --name starts a new sweep beside the old one.
+        n = 2
+        while (results_root / f"{spec.name}-{n}" / META_FILE).exists():
+            n += 1
+        name = f"{spec.name}-{n}"
+        exp_dir = results_root / name
+        print(f"a sweep named '{spec.name}' exists in {results_root}: this one is '{name}'", flush=True)
     # The data every trial reads: open and check it now (and build the built-in corpus once, here).
     from lm.train import open_data
 

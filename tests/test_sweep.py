@@ -383,7 +383,16 @@ def test_inspect_and_continue_reject_a_non_sweep_directory(tmp_path, capsys):
 
 def test_driver_refuses_to_overwrite_the_sweep(sweep_run, capsys):
     space = sweep_run["exp_dir"].parent.parent / "space.yaml"
-    code = run_sweep.main(["--space", str(space), "--storage-path", str(sweep_run["storage"])])
+    name = sweep_run["exp_dir"].name
+    code = run_sweep.main(["--space", str(space), "--storage-path", str(sweep_run["storage"]), "--name", name])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "exists" in err and "--resume" in err
+
+
+def test_running_a_space_again_without_a_name_starts_a_new_sweep(sweep_run, capsys):
+    space = sweep_run["exp_dir"].parent.parent / "space.yaml"
+    args = run_sweep.parse_args(["--space", str(space), "--storage-path", str(sweep_run["storage"])])
+    _, _, exp_dir, name = run_sweep.prepare(args)  # everything before Ray starts
+    assert name == f"{sweep_run['exp_dir'].name}-2" and exp_dir == sweep_run["exp_dir"].parent / name
+    assert f"this one is '{name}'" in capsys.readouterr().out
