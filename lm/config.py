@@ -356,40 +356,52 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where}: expected {annotation.__name__}, got null")
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            raise ValueError
-        if annotation is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, str):
-                value = value.replace("_", "")
-                value = int(value) if value.lstrip("-").isdigit() else float(value)
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError
-                value = int(value)
-            if not isinstance(value, int):
-                raise ValueError
-            return value
-        if annotation is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value.replace("_", "") if isinstance(value, str) else value)
-        if annotation is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except (ValueError, TypeError):
-        pass
-    else:
+    convert = _CONVERTERS.get(annotation)
+    if convert is None:
         raise ConfigError(f"{where}: unsupported field type {annotation}")
-    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[annotation]
-    raise ConfigError(f"{where}: expected {kind}{' or null' if optional else ''}, got {value!r}")
+    try:
+        return convert(value)
+    except (ValueError, TypeError):
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[annotation]
+        raise ConfigError(f"{where}: expected {kind}{' or null' if optional else ''}, got {value!r}") from None
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, str):
+        text = value.replace("_", "")
+        value = int(text) if text.lstrip("-").isdigit() else float(text)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError
+    return value
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    return float(value.replace("_", "") if isinstance(value, str) else value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError
+    return str(value)
+
+
+_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def parse_override_args(args: list[str]) -> dict[str, str]:
