@@ -116,6 +116,8 @@ class TrainConfig:
     """Periodic checkpoints kept on disk (best and final are kept besides)."""
     save_best_and_final: bool = True
     """Also write checkpoints/best.pt and final.pt (sweep trials turn this off: Ray keeps theirs)."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints go; null: out_dir/checkpoints (sweep trials use a private temporary directory)."""
     seed: int = 0
     """Seeds model init, batch sampling and dropout-free training: same seed, same losses (CPU)."""
     device: str = "auto"

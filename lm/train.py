@@ -130,7 +130,7 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
     """
     t = config.train
     out_dir = Path(t.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = Path(t.checkpoint_dir) if t.checkpoint_dir is not None else out_dir / "checkpoints"
     device = resolve_device(t.device)
     amp_dtype = resolve_precision(t.precision, device)
     train_tokens, val_tokens, meta = open_data(config)

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             "train.num_threads": None,
             "train.keep_checkpoints": 2,
             "train.save_best_and_final": True,
+            "train.checkpoint_dir": None,
         }.items():
             overrides.setdefault(key, value)
         config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(overrides, "command line")

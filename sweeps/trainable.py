@@ -26,11 +26,19 @@ from sweeps.space import SweepSpec
 STATE_FILE = "state.pt"  # the training state inside each Ray checkpoint directory
 
 
-def trial_config(spec: SweepSpec, sampled: dict[str, Any], run_dir: Path, gpu: float, threads: int) -> Config:
-    """The sweep's base config + sampled overrides, with this trial's device, threads and output dir."""
+def trial_config(
+    spec: SweepSpec,
+    sampled: dict[str, Any],
+    run_dir: Path,
+    gpu: float,
+    threads: int,
+    checkpoint_dir: Path | None = None,
+) -> Config:
+    """The sweep's base config + sampled overrides, with this trial's device, threads and output dirs."""
     config = spec.trial_config(sampled)
     overrides: dict[str, Any] = {
         "train.out_dir": str(run_dir),
+        "train.checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
         # Ray keeps the trial's checkpoints (num_to_keep): locally only the one being reported is needed.
         "train.keep_checkpoints": 1,
         "train.save_best_and_final": False,
@@ -46,12 +54,24 @@ def trial_config(spec: SweepSpec, sampled: dict[str, Any], run_dir: Path, gpu: f
 def train_trial(sampled: dict[str, Any], spec: SweepSpec, threads: int, gpu: float, exp_dir: str) -> None:
     """Function trainable: `sampled` is the searcher's config for this trial (dotted config paths).
 
-    The loop's own files (train.log, metrics, the checkpoint being reported) go to
-    EXP_DIR/<trial dir name>/run: Ray's trial directory of a reused actor is a session directory that is
-    never copied to storage, so logs written there would be lost.
+    The loop's logs (train.log, metrics.jsonl/.csv) go to EXP_DIR/<trial dir name>/run: Ray's trial
+    directory of a reused actor is a session directory that is never copied to storage, so logs written
+    there would be lost. Its checkpoints go to Ray (which keeps num_to_keep of them in storage).
     """
     trial_dir = Path(exp_dir) / Path(tune.get_context().get_trial_dir()).name
-    config = trial_config(spec, sampled, trial_dir / "run", gpu, threads)
+    # The checkpoint being reported lives in a directory private to this process: after a driver crash
+    # an orphaned worker of the same trial may still be writing into the shared run directory.
+    private_ckpts = Path(tempfile.mkdtemp(prefix="lm-trial-ckpt-"))
+    try:
+        _run_trial(spec, sampled, threads, gpu, trial_dir, private_ckpts)
+    finally:
+        shutil.rmtree(private_ckpts, ignore_errors=True)  # also when ASHA stops the trial inside report
+
+
+def _run_trial(
+    spec: SweepSpec, sampled: dict[str, Any], threads: int, gpu: float, trial_dir: Path, checkpoint_dir: Path
+) -> None:
+    config = trial_config(spec, sampled, trial_dir / "run", gpu, threads, checkpoint_dir)
     _check_data_here(config)
 
     resume_from = None
@@ -59,8 +79,7 @@ def train_trial(sampled: dict[str, Any], spec: SweepSpec, threads: int, gpu: flo
     if checkpoint is not None:
         # Copy the state out: the checkpoint directory may be a temporary download that goes away.
         with checkpoint.as_directory() as d:
-            resume_from = trial_dir / "resume_state.pt"
-            trial_dir.mkdir(parents=True, exist_ok=True)
+            resume_from = checkpoint_dir / "resume_state.pt"
             shutil.copyfile(Path(d) / STATE_FILE, resume_from)
 
     node_id = ray.get_runtime_context().get_node_id()
