@@ -327,13 +327,17 @@ def count_parameters(model_or_config: nn.Module | ModelConfig, include_embedding
         return total
     c = model_or_config
     norms = 0 if c.norm == "none" else 2 * c.d_model
-    ffn = (3 if c.ffn == "swiglu" else 2) * c.d_model * c.d_ff
-    per_layer = 4 * c.d_model * c.d_model + ffn + norms
+    per_layer = 4 * c.d_model * c.d_model + _ffn_params(c) + norms
     body = c.num_layers * per_layer + (c.d_model if c.norm == "pre" else 0)
     if not include_embeddings:
         return body
     embeddings = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
     return body + embeddings
+
+
+def _ffn_params(c: ModelConfig) -> int:
+    """Weights of one feed-forward network: w1, w2 (and the gate w3 for SwiGLU)."""
+    return (3 if c.ffn == "swiglu" else 2) * c.d_model * c.d_ff
 
 
 def flops_per_token(config: ModelConfig) -> float:
@@ -344,8 +348,7 @@ def flops_per_token(config: ModelConfig) -> float:
     (Kaplan et al. 2020, without the causal halving, as MFU figures usually quote it).
     """
     c = config
-    ffn = (3 if c.ffn == "swiglu" else 2) * c.d_model * c.d_ff
-    matmul_params = c.num_layers * (4 * c.d_model * c.d_model + ffn) + c.vocab_size * c.d_model
+    matmul_params = c.num_layers * (4 * c.d_model * c.d_model + _ffn_params(c)) + c.vocab_size * c.d_model
     return 6.0 * matmul_params + 6.0 * c.num_layers * c.context_length * c.d_model
 
 

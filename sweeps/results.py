@@ -255,7 +255,7 @@ def summary_markdown(sweep: Sweep, out: Path, top: int = 10) -> str:
         ]
     lines += ["", f"## Top {min(top, len(df))}", ""]
     cols = ["trial_id", "status", *sweep.swept, "best_val_loss", "final_val_loss", "tokens_seen"]
-    ranked = df.sort_values("best_val_loss", ascending=sweep.mode == "min", na_position="last").head(top)
+    ranked = ranked_trials(sweep).head(top)
     lines.append(_markdown_table(ranked, cols))
     errors = df[df["status"] == "error"]
     if len(errors):
@@ -267,6 +267,11 @@ def summary_markdown(sweep: Sweep, out: Path, top: int = 10) -> str:
         lines += [f"- `{r.trial_id}` at step {int(r.diverged_step)}" for r in diverged.itertuples()]
     lines += ["", "Plots: `plots/`. Tables: `results.csv`, `results.parquet`, `history.parquet`.", ""]
     return "\n".join(lines)
+
+
+def ranked_trials(sweep: Sweep) -> pd.DataFrame:
+    """Trials ordered best first by their best metric; trials without one last."""
+    return sweep.dataframe.sort_values("best_val_loss", ascending=sweep.mode == "min", na_position="last")
 
 
 def _entropy_floor(sweep: Sweep) -> float | None:
@@ -302,7 +307,7 @@ def print_table(sweep: Sweep, top: int = 20) -> None:
         print("no trials")
         return
     cols = ["trial_id", "status", *sweep.swept, "best_val_loss", "tokens_seen"]
-    ranked = df.sort_values("best_val_loss", ascending=sweep.mode == "min", na_position="last").head(top)
+    ranked = ranked_trials(sweep).head(top)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(ranked[cols].to_string(index=False))
     best = sweep.best_row

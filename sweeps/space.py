@@ -446,12 +446,6 @@ def _check_params_build(spec: SweepSpec) -> None:
                 ) from None
 
 
-def data_overrides(spec: SweepSpec) -> dict[str, str]:
-    """Data paths of the trials (absolute), for a pre-flight check of the files."""
-    constants = {p.path: p.values[0] for p in spec.params.values() if p.distribution == "value"}
-    return {k: v for k, v in constants.items() if k.startswith("data.")}
-
-
 # ---------------------------------------------------------------------------------------------------
 # To Ray Tune objects (imported lazily: validation must not pay for importing Ray)
 # ---------------------------------------------------------------------------------------------------
