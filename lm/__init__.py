@@ -10,6 +10,7 @@ from lm.model import (
     SwiGLU,
     TransformerBlock,
     TransformerLM,
+    compile_layers,
     count_parameters,
     flops_per_token,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "TransformerLM",
     "Tokenizer",
     "clip_gradients",
+    "compile_layers",
     "count_parameters",
     "cross_entropy",
     "flops_per_token",

@@ -155,6 +155,7 @@ _HISTORY_COLUMNS = (
     "lr",
     "elapsed_s",
     "train_time_s",
+    "compile_time_s",
     "eval_time_s",
     "checkpoint_time_s",
     "report_time_s",

@@ -1224,3 +1224,28 @@ def test_rope_complex_fast_path_equals_real_pair_path():
     fast = rope(x.float(), pos.unsqueeze(1))  # complex path
     slow = rope(x, pos.unsqueeze(1)).float()  # float64: the real pair path
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compile_layers: the compiled training path computes what the eager one does
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # compiles (about 20 s cold on the CI machines)
+@pytest.mark.parametrize("batch", [2, 40])  # 2 x 16 x 64 logits: compiled loss; 40 x 16 x ...: chunked eager loss
+def test_compile_layers_matches_eager(batch, monkeypatch):
+    # A tiny threshold makes the larger batch take the chunked eager loss, so both loss paths are checked.
+    monkeypatch.setattr(lm.model, "COMPILED_LOSS_MAX_LOGITS", 2 * 16 * 64)
+    torch.manual_seed(0)
+    eager = make_lm(seed=3, vocab_size=64, context_length=16, num_layers=2)
+    compiled = make_lm(seed=3, vocab_size=64, context_length=16, num_layers=2)
+    keys = list(compiled.state_dict())
+    assert lm.compile_layers(compiled) is compiled
+    assert list(compiled.state_dict()) == keys  # CS336 names survive compilation
+    idx, targets = torch.randint(0, 64, (batch, 16)), torch.randint(0, 64, (batch, 16))
+    for model in (eager, compiled):
+        model(idx, targets).backward()
+    close(compiled(idx, targets), eager(idx, targets))
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
+        close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+    assert all(layer._compiled_call_impl is not None for layer in compiled.layers)

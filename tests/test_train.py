@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -492,3 +493,35 @@ def test_cli_end_to_end_on_builtin_data(tmp_path):
     assert val_loss < 2.5 < math.log(257)
     assert 0 < floor < val_loss
     assert (tmp_path / "cache" / f"builtin-{stories.VERSION}" / "meta.json").is_file()  # generated there
+
+
+@pytest.mark.slow  # compiles (about 20 s cold on the CI machines)
+def test_compiled_run_times_its_compile(make_config):
+    config = make_config({**FAST, "train.compile": True})
+    summary, calls = _run(config)
+    assert summary["status"] == "completed" and summary["compile_time_s"] > 0
+    assert all(m["compile_time_s"] == summary["compile_time_s"] for m, _ in calls)
+    assert summary["best_val_loss"] < 4.0  # it learns (a byte-level vocabulary starts near ln 257 = 5.5)
+    assert "compiled in" in (Path(config.train.out_dir) / "train.log").read_text()
+    # The compile is not training time: throughput is over the steps after it.
+    assert summary["train_time_s"] < summary["elapsed_s"] - summary["compile_time_s"]
+
+
+@pytest.mark.slow
+def test_evaluation_does_not_compile(make_config):
+    from torch._dynamo.utils import counters
+
+    from lm.data import validation_starts
+    from lm.model import compile_layers
+    from lm.train import evaluate, open_data
+
+    config = make_config(FAST)
+    model = compile_layers(TransformerLM.from_config(config.model))
+    _, val, _ = open_data(config)
+    x = torch.randint(0, config.model.vocab_size, (2, config.model.context_length))
+    model(x, x).backward()  # compiles the training graphs
+    compiled = counters["stats"]["unique_graphs"]
+    starts = validation_starts(len(val), config.data.val_windows, config.model.context_length)
+    loss = evaluate(model, val, starts, config, torch.device("cpu"), contextlib.nullcontext)
+    assert math.isfinite(loss)
+    assert counters["stats"]["unique_graphs"] == compiled  # a no-grad graph would be a second compile
