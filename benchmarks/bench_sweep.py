@@ -1,12 +1,13 @@
 """Where a CPU sweep's time goes: an 8-trial sweep of ~60 s trials, end to end.
 
-    python benchmarks/bench_sweep.py [--trials 8] [--trial-tokens 900_000] [--cpus-per-trial 1]
+    python benchmarks/bench_sweep.py [--trials 8] [--trial-tokens 900_000] [--cpus-per-trial 1] [--compile]
 
 Runs the real driver (`sweeps/run_sweep.py`: local Ray, reused actors, FIFO so every trial runs its whole
 budget) on the built-in corpus with the tiny model, then prints: Ray start-up (init + shutdown, timed on
 their own first), sweep wall time, the sum of time inside training steps, utilization =
 sum / (wall x concurrent slots), and per trial: start overhead (Ray's trial time minus the loop's own
-time), evaluation, checkpoint and report time.
+time), evaluation, checkpoint and report time; with --compile also each trial's compile time (inductor's
+on-disk cache and the reused worker processes are what make later trials cheap).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--trial-tokens", type=lambda s: int(float(s.replace("_", ""))), default=900_000)
     ap.add_argument("--cpus-per-trial", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="trials run with train.compile")
     ap.add_argument("--eval-tokens", type=lambda s: int(float(s.replace("_", ""))), default=100_000)
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -58,6 +60,7 @@ def main() -> None:
             "parameters": {
                 "optimizer.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 5e-3},
                 "train.eval_interval_tokens": {"value": args.eval_tokens},
+                **({"train.compile": {"value": True}} if args.compile else {}),
             },
         }
         (tmp / "space.yaml").write_text(yaml.safe_dump(space))
@@ -68,15 +71,17 @@ def main() -> None:
             raise SystemExit(f"sweep failed with exit code {code}")
         hist = pd.read_parquet(tmp / "out" / "bench" / "history.parquet")
 
-    last = hist.sort_values("tokens_seen").groupby("trial_id").tail(1)
+    last = hist.sort_values("tokens_seen").groupby("trial_id").tail(1).sort_values("trial_id")  # trial order
     n = len(last)
     train_s = last["train_time_s"].sum()
     loop_s = last["elapsed_s"].sum()
     ray_trial_s = last["time_total_s"].sum()
     reports = hist.groupby("trial_id").size().mean()
     per_report = last["report_time_s"].mean() / max(reports - 1, 1)  # report_time_s counts earlier reports
+    compile_s = last["compile_time_s"]
     print(
         f"\n{n} trials x {args.trial_tokens:,} tokens, {slots} concurrent x {args.cpus_per_trial} CPU, "
+        f"{'train.compile, ' if args.compile else ''}"
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n"
     )
     rows = [
@@ -91,6 +96,11 @@ def main() -> None:
             f"{(wall * slots - ray_trial_s) / n:.2f} s",
         ),
         ("evaluation per trial", f"{last['eval_time_s'].mean():.2f} s ({reports:.0f} evals)"),
+        (
+            "compile per trial (first step): mean, share of trial time; each trial in order",
+            f"{compile_s.mean():.1f} s = {compile_s.sum() / ray_trial_s:.1%} of trial time; "
+            f"{' '.join(f'{v:.1f}' for v in compile_s)} s",
+        ),
         ("checkpoint writes per trial", f"{last['checkpoint_time_s'].mean():.2f} s"),
         (
             "tune.report per report (with checkpoint)",

@@ -225,6 +225,26 @@ def gpus_per_trial(spec: SweepSpec) -> float:
     return 1.0
 
 
+def cpus_per_trial(spec: SweepSpec, gpu: float, num_cpus: int | None) -> float:
+    """resources_per_trial.cpu, with "auto" resolved by measuring this machine (sweeps/placement.py)."""
+    if spec.cpu != "auto":
+        return float(spec.cpu)
+    if gpu > 0:
+        print("resources_per_trial.cpu: auto -> 1 CPU per GPU trial", flush=True)
+        return 1.0
+    from sweeps.placement import measure
+
+    placement = measure(spec.trial_config({}), num_cpus or os.cpu_count())
+    rates = ", ".join(f"{split}: {rate:,.0f}" for split, rate in placement.tokens_per_s.items())
+    print(
+        f"resources_per_trial.cpu: auto -> {placement.threads} thread(s) per trial, {placement.trials} trial(s) "
+        f"per machine ({'cached measurement' if placement.cached else 'measured'}, tokens/s by trials x threads: "
+        f"{rates})",
+        flush=True,
+    )
+    return float(placement.threads)
+
+
 def make_callback(spec: SweepSpec, quiet: bool):
     from ray import tune
 
@@ -286,13 +306,14 @@ def run(args: argparse.Namespace) -> int:
 
         check_storage_shared(storage, exp_dir)
         gpu = gpus_per_trial(spec)
-        threads = max(1, int(spec.cpu))
+        cpu = cpus_per_trial(spec, gpu, args.num_cpus if args.address is None else None)
+        threads = max(1, int(cpu))
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, spec=spec, threads=threads, gpu=gpu, exp_dir=str(exp_dir)),
-            {"cpu": spec.cpu, "gpu": gpu},
+            {"cpu": cpu, "gpu": gpu},
         )
         total_cpus = ray.cluster_resources().get("CPU", 1)
-        max_conc = spec.max_concurrent_trials or max(1, int(total_cpus // spec.cpu))
+        max_conc = spec.max_concurrent_trials or max(1, int(total_cpus // cpu))
         run_config = tune.RunConfig(
             name=name,
             storage_path=storage,
@@ -314,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(
                 f"sweep '{name}': {spec.num_samples} trials ({spec.algorithm}/{spec.scheduler}), up to {max_conc} "
-                f"at once, {spec.cpu:g} CPU + {gpu:g} GPU each, {spec.total_tokens:,} tokens per trial; "
+                f"at once, {cpu:g} CPU + {gpu:g} GPU each, {spec.total_tokens:,} tokens per trial; "
                 f"results in {exp_path}",
                 flush=True,
             )

@@ -7,7 +7,7 @@ metric: {name: val_loss, goal: minimize}
 search: {algorithm: optuna, sampler: tpe, seed: 0, max_concurrent_trials: 2}   # optuna | random | grid
 scheduler: {type: asha, time_attr: tokens_seen, grace_period: 200_000, reduction_factor: 3}  # or fifo
 num_samples: 8
-resources_per_trial: {cpu: 1, gpu: 0}  # gpu: fraction, whole number or "auto"
+resources_per_trial: {cpu: auto, gpu: 0}  # cpu: threads per trial or "auto" (measured); gpu: fraction, whole number or "auto"
 stop: {max_tokens: 2_000_000, divergence_loss: 10.0}
 checkpoint: {num_to_keep: 2}
 max_failures: 2
@@ -92,7 +92,7 @@ class SweepSpec:
     grace_period: int = 200_000
     reduction_factor: float = 3.0
     num_samples: int = 8
-    cpu: float = 1.0
+    cpu: float | str = 1.0  # or "auto"
     gpu: float | str = 0
     max_tokens: int | None = None
     divergence_loss: float | None = None
@@ -282,7 +282,14 @@ def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None
         raw.get("num_samples", 1 if algorithm == "grid" else 8), f"{src}: num_samples", int, positive=True
     )
     res = _section(raw, "resources_per_trial", src, {"cpu", "gpu"})
-    cpu = _number(res.get("cpu", 1), f"{src}: resources_per_trial.cpu", float, positive=True)
+    cpu = res.get("cpu", 1)
+    if cpu != "auto":  # "auto": sweeps.placement measures the best split of the machine at run time
+        try:
+            cpu = _number(cpu, f"{src}: resources_per_trial.cpu", float, positive=True)
+        except SpaceError:
+            raise SpaceError(
+                f'{src}: resources_per_trial.cpu: expected a positive number of CPUs or "auto", got {cpu!r}'
+            ) from None
     gpu = res.get("gpu", 0)
     if gpu != "auto":
         gpu = _number(gpu, f"{src}: resources_per_trial.gpu", float)

@@ -54,11 +54,11 @@ def test_lr_sweep_fields():
     assert spec.name == "lr_sweep"
     assert spec.base_config_path == (REPO / "configs" / "tiny.yaml").resolve()
     assert (spec.metric, spec.mode) == ("val_loss", "min")
-    assert (spec.algorithm, spec.sampler, spec.seed, spec.max_concurrent_trials) == ("optuna", "tpe", 0, 2)
+    assert (spec.algorithm, spec.sampler, spec.seed, spec.max_concurrent_trials) == ("optuna", "tpe", 0, None)
     assert (spec.scheduler, spec.time_attr) == ("asha", "tokens_seen")
     assert spec.grace_period == 150_000 and spec.reduction_factor == 3.0
     assert spec.num_samples == 8
-    assert spec.cpu == 1.0 and spec.gpu == 0
+    assert spec.cpu == "auto" and spec.gpu == 0  # threads per trial measured at run time
     assert spec.max_tokens == 1_800_000 and spec.total_tokens == 1_800_000
     assert spec.divergence_loss == 10.0
     assert spec.num_to_keep == 2 and spec.max_failures == 2
@@ -187,7 +187,7 @@ def test_set_top_level_and_nested():
     assert spec.num_samples == 3
     assert spec.seed == 7
     assert spec.max_tokens == 1_000_000 and spec.trial_config({}).train.max_tokens == 1_000_000
-    assert spec.max_concurrent_trials == 2  # untouched siblings stay
+    assert spec.algorithm == "optuna" and spec.sampler == "tpe"  # untouched siblings stay
     # New nested mappings are created on the way.
     spec = load_space(LR_SWEEP, sets=["scheduler.type=fifo"])
     assert spec.scheduler == "fifo" and spec.grace_period == 150_000
@@ -309,7 +309,8 @@ BAD_SPACES = [
     ("grid-without-values", "search: {algorithm: grid}\n", ["parameters", "at least one 'values' axis"]),
     ("num-samples-not-int", "num_samples: many\n", ["num_samples", "expected an integer", "'many'"]),
     ("num-samples-zero", "num_samples: 0\n", ["num_samples", "positive"]),
-    ("cpu-negative", "resources_per_trial: {cpu: -1}\n", ["resources_per_trial.cpu", "positive", "-1"]),
+    ("cpu-negative", "resources_per_trial: {cpu: -1}\n", ["resources_per_trial.cpu", "positive", '"auto"', "-1"]),
+    ("cpu-word", "resources_per_trial: {cpu: many}\n", ["resources_per_trial.cpu", '"auto"', "'many'"]),
     (
         "gpu-fractional-above-one",
         "resources_per_trial: {gpu: 1.5}\n",
