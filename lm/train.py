@@ -83,7 +83,7 @@ def open_data(config: Config) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     return train, val, meta
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, config: Config, device, autocast) -> float:
     """Mean cross-entropy (nats/token) over the fixed validation windows."""
     model.eval()

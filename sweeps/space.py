@@ -7,7 +7,8 @@ metric: {name: val_loss, goal: minimize}
 search: {algorithm: optuna, sampler: tpe, seed: 0, max_concurrent_trials: 2}   # optuna | random | grid
 scheduler: {type: asha, time_attr: tokens_seen, grace_period: 200_000, reduction_factor: 3}  # or fifo
 num_samples: 8
-resources_per_trial: {cpu: auto, gpu: 0}  # cpu: threads per trial or "auto" (measured); gpu: fraction, whole number or "auto"
+resources_per_trial: {cpu: auto, gpu: 0}  # cpu: threads per trial or "auto" (measured)
+                                        # gpu: fraction, whole number or "auto"
 stop: {max_tokens: 2_000_000, divergence_loss: 10.0}
 checkpoint: {num_to_keep: 2}
 max_failures: 2

@@ -60,7 +60,8 @@ def test_measurement_is_cached_per_model(small_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_with_cpu_auto_uses_the_measured_split(small_corpus, tmp_path):
-    base = tiny_config(small_corpus, tmp_path / "unused", {"train.max_tokens": 2560, "train.eval_interval_tokens": 1280})
+    overrides = {"train.max_tokens": 2560, "train.eval_interval_tokens": 1280}
+    base = tiny_config(small_corpus, tmp_path / "unused", overrides)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base.to_dict()))
     space = {
         "name": "auto",
