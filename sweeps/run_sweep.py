@@ -225,6 +225,51 @@ def gpus_per_trial(spec: SweepSpec) -> float:
     return 1.0
 
 
+def repair_pruned_checkpoints(exp_path: str) -> list[str]:
+    """Before a resume: give back each trial the checkpoint Ray's saved sweep state will restore it from.
+
+    Ray prunes a trial's old checkpoints (num_to_keep) as soon as newer ones arrive, but saves the sweep
+    state only every few seconds; a driver killed in between leaves a state whose latest checkpoint for
+    a running trial is gone, and restoring that trial fails ("does not exist on storage anymore"). The
+    trial's newest checkpoint is still there, so it is copied to the recorded name: the trial resumes
+    from its newest state. Local storage only; reads Ray's state file and changes nothing in it.
+    Returns one line per repaired trial.
+    """
+    import shutil
+
+    from ray import cloudpickle
+
+    if "://" in exp_path:
+        return []
+    states = sorted(Path(exp_path).glob("experiment_state-*.json"))
+    if not states:
+        return []
+    repaired = []
+    try:
+        trial_data = json.loads(states[-1].read_text())["trial_data"]
+    except (OSError, ValueError, KeyError):
+        return []
+    for _, runtime in trial_data:
+        try:
+            meta = json.loads(runtime) if isinstance(runtime, str) else runtime
+            manager = cloudpickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))
+            latest = manager._latest_checkpoint_result
+            recorded = Path(latest.checkpoint.path) if latest is not None else None
+        except Exception:  # another Ray version's layout: leave the restore to Ray
+            continue
+        if recorded is None or recorded.exists() or not recorded.parent.is_dir():
+            continue
+        present = sorted(p for p in recorded.parent.glob("checkpoint_*") if (p / "state.pt").is_file())
+        if not present:
+            continue
+        shutil.copytree(present[-1], recorded)
+        repaired.append(
+            f"{recorded.parent.name}: its recorded {recorded.name} was pruned before Ray saved the sweep state; "
+            f"resuming it from {present[-1].name}, its newest"
+        )
+    return repaired
+
+
 def cpus_per_trial(spec: SweepSpec, gpu: float, num_cpus: int | None) -> float:
     """resources_per_trial.cpu, with "auto" resolved by measuring this machine (sweeps/placement.py)."""
     if spec.cpu != "auto":
@@ -331,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
             if not tune.Tuner.can_restore(exp_path):
                 raise SweepInputError(f"{exp_path}: --resume: no restorable sweep state there")
             print(f"resuming sweep '{name}' from {exp_path}", flush=True)
+            for line in repair_pruned_checkpoints(exp_path):
+                print(line, flush=True)
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         else:
             print(

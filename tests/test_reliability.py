@@ -1056,3 +1056,26 @@ def test_same_config_and_seed_give_bitwise_identical_losses(make_config, tmp_pat
     first = read_checkpoint(tmp_path / "first" / "checkpoints" / "final.pt")["model"]
     second = read_checkpoint(tmp_path / "second" / "checkpoints" / "final.pt")["model"]
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@slow
+def test_resume_repairs_a_latest_checkpoint_pruned_before_the_state_was_saved(small_corpus, tmp_path, ray_tmp):
+    # The race behind the SIGKILL test above, made deterministic: Ray's saved state names a latest
+    # checkpoint that is gone from disk while newer ones exist.
+    from ray import tune
+
+    from sweeps.run_sweep import repair_pruned_checkpoints
+
+    space = make_space(tmp_path, small_corpus, num_samples=1)
+    store = tmp_path / "store"
+    with driver(sweep_args(space, "pruned", store), ray_tmp, tmp_path) as d:
+        assert d.wait() == 0, d.output[-3000:]
+    exp = store / "pruned"
+    recorded = Path(tune.ResultGrid(tune.ExperimentAnalysis(str(exp)))[0].checkpoint.path)  # Ray's own view
+    assert repair_pruned_checkpoints(str(exp)) == []  # nothing missing, nothing touched
+    older = sorted(p for p in recorded.parent.glob("checkpoint_*") if p != recorded)
+    assert older, "num_to_keep 2 leaves an older checkpoint beside the latest"
+    shutil.rmtree(recorded)
+    lines = repair_pruned_checkpoints(str(exp))
+    assert len(lines) == 1 and recorded.name in lines[0] and older[-1].name in lines[0]
+    assert (recorded / "state.pt").read_bytes() == (older[-1] / "state.pt").read_bytes()
