@@ -4,8 +4,8 @@
     python benchmarks/bench_gpu.py sharing [--tokens 20_000_000] [--share 0.25]
 
 `throughput`: the CS336 TinyStories 17M config (vocab 10000, context 256, d_model 512, 4 layers, 16 heads,
-d_ff 1344) training on random tokens, tokens/s for fp32, bf16 autocast, and bf16 + torch.compile (the
-sweep default on CUDA), each with the compile time.
+d_ff 1344) training on random tokens, tokens/s for fp32, bf16 autocast, and bf16 compiled two ways (the
+training path's `lm.compile_layers` and whole-model `torch.compile`), each with the compile time.
 `sharing`: the same model in a real sweep (`sweeps/run_sweep.py`, FIFO, fixed config) once as ONE trial
 alone on the GPU, then as 1/share trials sharing it (`resources_per_trial.gpu: share`); prints per-trial
 tokens/s (tokens seen / time inside training steps), total tokens/s and mean GPU utilization (sampled
@@ -43,15 +43,17 @@ def throughput(steps: int, batch: int) -> None:
     x = torch.randint(0, MODEL.vocab_size, (batch, MODEL.context_length), device=device)
     y = torch.randint(0, MODEL.vocab_size, (batch, MODEL.context_length), device=device)
     rows = []
-    for name, dtype, compiled in (
-        ("fp32 (tf32)", None, False),
-        ("bf16", torch.bfloat16, False),
-        ("bf16 + compile", torch.bfloat16, True),
+    no_compile = lambda m: m  # noqa: E731
+    for name, dtype, compile_fn in (
+        ("fp32 (tf32)", None, no_compile),
+        ("bf16", torch.bfloat16, no_compile),
+        ("bf16 + compile_layers (train.compile)", torch.bfloat16, lm.compile_layers),
+        ("bf16 + torch.compile(model)", torch.bfloat16, torch.compile),
     ):
         torch.manual_seed(0)
         model = lm.TransformerLM.from_config(MODEL, device=device)
         opt = lm.AdamW(model.parameters(), lr=1e-3)
-        step_model = torch.compile(model) if compiled else model
+        step_model = compile_fn(model)
 
         def step(step_model=step_model, model=model, opt=opt, dtype=dtype):
             with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
