@@ -2,8 +2,9 @@
 
 `resources_per_trial: {cpu: auto}` asks for this. For every split of the machine's CPUs into equal
 shares (2 CPUs: 2 trials x 1 thread or 1 x 2), it trains copies of the sweep's base model concurrently
-for about a second, each copy in its own Python thread with that many intra-op threads (PyTorch releases
-the GIL inside ops, so the copies run in parallel the way separate trial processes do), and keeps the split
+for about a second (twice, interleaved), each copy in its own Python thread with that many intra-op
+threads (PyTorch releases the GIL inside ops, so the copies run in parallel the way separate trial
+processes do), and keeps the split
 with the most tokens/s in total. The result is cached per machine, model, batch and torch version
 (`$LM_SWEEPS_CACHE/placement.json`), so only a machine's first sweep of a model pays the few seconds.
 """
@@ -26,7 +27,8 @@ from lm.optim import AdamW
 from lm.stories import default_cache_root
 
 PROBE_TOKENS = 2048  # tokens per probe step: the per-token cost barely depends on batch, the probe's time does
-PROBE_SECONDS = 1.0  # per split, after one warm-up step per copy
+PROBE_SECONDS = 1.0  # per split and round, after one warm-up step per copy
+PROBE_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,12 @@ def measure(config: Config, cpus: int | None = None, cache: Path | None = None) 
         return Placement(**known[key], cached=True)
 
     old_threads = torch.get_num_threads()
+    rates: dict[int, float] = {}
     try:
-        rates = {t: _throughput(config, t, cpus // t, batch) for t in _splits(cpus)}
+        # Rounds alternate the splits so a slow moment on a shared machine hits them all; best round each.
+        for _ in range(PROBE_ROUNDS):
+            for t in _splits(cpus):
+                rates[t] = max(rates.get(t, 0.0), _throughput(config, t, cpus // t, batch))
     finally:
         torch.set_num_threads(old_threads)
     best = max(rates, key=rates.get)
