@@ -4,9 +4,9 @@
 shares (2 CPUs: 2 trials x 1 thread or 1 x 2), it trains copies of the sweep's base model concurrently
 for about a second (twice, interleaved), each copy in its own Python thread with that many intra-op
 threads (PyTorch releases the GIL inside ops, so the copies run in parallel the way separate trial
-processes do), and keeps the split
-with the most tokens/s in total. The result is cached per machine, model, batch and torch version
-(`$LM_SWEEPS_CACHE/placement.json`), so only a machine's first sweep of a model pays the few seconds.
+processes do), and keeps the split with the most tokens/s in total. The result is cached per machine,
+model, batch and torch version (`$LM_SWEEPS_CACHE/placement.json`), so only a machine's first sweep of a
+model pays the few seconds.
 """
 
 from __future__ import annotations
