@@ -51,6 +51,32 @@ def trial_config(
     return config.replace(overrides, source="trial")
 
 
+CKPT_PREFIX = "lm-trial-ckpt-"  # + the owning process id + "-" + a random suffix, in the temp directory
+
+
+def remove_orphaned_checkpoint_dirs(tmp_dir: str | Path | None = None) -> list[Path]:
+    """Delete trial checkpoint directories whose process is gone (a SIGKILLed worker cannot clean up).
+
+    A directory whose process still runs, or may (no permission to signal it), is left alone. Returns
+    the directories removed.
+    """
+    removed = []
+    for path in Path(tmp_dir or tempfile.gettempdir()).glob(f"{CKPT_PREFIX}*-*"):
+        pid_text = path.name[len(CKPT_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) <= 0:
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def train_trial(sampled: dict[str, Any], spec: SweepSpec, threads: int, gpu: float, exp_dir: str) -> None:
     """Function trainable: `sampled` is the searcher's config for this trial (dotted config paths).
 
@@ -61,7 +87,8 @@ def train_trial(sampled: dict[str, Any], spec: SweepSpec, threads: int, gpu: flo
     trial_dir = Path(exp_dir) / Path(tune.get_context().get_trial_dir()).name
     # The checkpoint being reported lives in a directory private to this process: after a driver crash
     # an orphaned worker of the same trial may still be writing into the shared run directory.
-    private_ckpts = Path(tempfile.mkdtemp(prefix="lm-trial-ckpt-"))
+    remove_orphaned_checkpoint_dirs()
+    private_ckpts = Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}-"))
     try:
         _run_trial(spec, sampled, threads, gpu, trial_dir, private_ckpts)
     finally:

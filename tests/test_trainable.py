@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,22 @@ def test_device_and_precision_resolution_on_this_machine():
     assert resolve_precision("auto", torch.device("cpu")) is None  # never bf16 autocast on a CPU by default
     assert resolve_precision("fp32", torch.device("cuda")) is None
     assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16  # explicit request is honoured
+
+
+def test_orphaned_checkpoint_dirs_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from sweeps.trainable import CKPT_PREFIX, remove_orphaned_checkpoint_dirs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a real process that has exited: its pid names no live process (until reused)
+    dead = tmp_path / f"{CKPT_PREFIX}{gone.pid}-abc"
+    alive = tmp_path / f"{CKPT_PREFIX}{os.getpid()}-def"
+    init = tmp_path / f"{CKPT_PREFIX}1-ghi"  # pid 1 lives (and may not be ours to signal)
+    other = tmp_path / f"{CKPT_PREFIX}old_style"
+    for d in (dead, alive, init, other):
+        d.mkdir()
+        (d / "state.pt").write_bytes(b"x")
+    assert remove_orphaned_checkpoint_dirs(tmp_path) == [dead]
+    assert not dead.exists() and alive.exists() and init.exists() and other.exists()
