@@ -13,7 +13,6 @@ Run by hand; absolute times drift between runs, so compare the ratios printed in
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import time
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lm
-from lm.config import Config, ModelConfig
+from lm.config import ModelConfig
 
 CONFIGS = {
     # name: (model config, batch size)
@@ -118,6 +117,11 @@ def time_variant(name, step_model, params, optimizer, batches, steps, warmup):
     return {"name": name, "fwd": fwd / steps, "bwd": bwd / steps, "opt": opt / steps}
 
 
+def step_seconds(timing: dict) -> float:
+    """One training step's seconds from a `time_variant` result."""
+    return timing["fwd"] + timing["bwd"] + timing["opt"]
+
+
 def matmul_rate(c: ModelConfig, batch: int, repeats: int = 5) -> float:
     """GFLOP/s of torch.mm at the model's matmul shapes, weighted by each shape's share of the FLOPs."""
     n = batch * c.context_length
@@ -146,7 +150,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", choices=CONFIGS, default="tiny")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--compile", action="store_true", help="also time lm with torch.compile")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time lm compiled (compile_layers) and whole-model compiled"
+    )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of)")
     ap.add_argument("--only", default=None, help="comma-separated variants to run (lm,reference,stock)")
@@ -195,9 +201,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, model, step_model, optimizer in setups:
             r = time_variant(name, step_model, list(model.parameters()), optimizer, batches, steps, warmup)
-            if name not in best or sum(r[k] for k in ("fwd", "bwd", "opt")) < sum(
-                best[name][k] for k in ("fwd", "bwd", "opt")
-            ):
+            if name not in best or step_seconds(r) < step_seconds(best[name]):
                 best[name] = r
     variants = list(best.values())
     peak = matmul_rate(c, batch)
@@ -212,19 +216,16 @@ def main() -> None:
     print("| variant | tokens/s | ms/step | fwd ms | bwd ms | opt ms | GFLOP/s | MFU | vs stock | vs reference |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
-        total = v["fwd"] + v["bwd"] + v["opt"]
+        total = step_seconds(v)
         tps = tokens / total
         gflops = tps * fpt / 1e9
-        ratios = []
-        for ref in ("stock", "lm-reference"):
-            ratios.append(
-                f"{tps / (tokens / sum(base[ref][k] for k in ('fwd', 'bwd', 'opt'))):.2f}x" if ref in base else "-"
-            )
+        ratios = [
+            f"{step_seconds(base[ref]) / total:.2f}x" if ref in base else "-" for ref in ("stock", "lm-reference")
+        ]
         print(
             f"| {v['name']} | {tps:,.0f} | {1e3 * total:.1f} | {1e3 * v['fwd']:.1f} | {1e3 * v['bwd']:.1f} | "
             f"{1e3 * v['opt']:.1f} | {gflops:.1f} | {gflops / peak:.0%} | {ratios[0]} | {ratios[1]} |"
         )
-    _ = (math, Config)
 
 
 if __name__ == "__main__":

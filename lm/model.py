@@ -266,6 +266,7 @@ class TransformerLM(nn.Module):
         # Post-norm blocks already end in a norm; only pre-norm needs the final one.
         self.ln_final = RMSNorm(d_model, device=device, dtype=dtype) if norm == "pre" else nn.Identity()
         self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
+        self.compiled_loss = None  # set by compile_layers
         if tie_embeddings:
             self.lm_head.weight = self.token_embeddings.weight
 
@@ -309,9 +310,8 @@ class TransformerLM(nn.Module):
             return self.lm_head(h)
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (n, d_model), (n,)
         fp32 = h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
-        compiled = getattr(self, "compiled_loss", None)
-        if compiled is not None and (not fp32 or h.shape[0] * self.vocab_size <= COMPILED_LOSS_MAX_LOGITS):
-            return compiled(h, self.lm_head.weight, targets)
+        if self.compiled_loss is not None and (not fp32 or h.shape[0] * self.vocab_size <= COMPILED_LOSS_MAX_LOGITS):
+            return self.compiled_loss(h, self.lm_head.weight, targets)
         if fp32:
             return linear_cross_entropy(h, self.lm_head.weight, targets)
         return logits_cross_entropy(h, self.lm_head.weight, targets)

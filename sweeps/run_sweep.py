@@ -239,6 +239,8 @@ def repair_pruned_checkpoints(exp_path: str) -> list[str]:
 
     from ray import cloudpickle
 
+    from sweeps.trainable import STATE_FILE
+
     if "://" in exp_path:
         return []
     states = sorted(Path(exp_path).glob("experiment_state-*.json"))
@@ -259,7 +261,7 @@ def repair_pruned_checkpoints(exp_path: str) -> list[str]:
             continue
         if recorded is None or recorded.exists() or not recorded.parent.is_dir():
             continue
-        present = sorted(p for p in recorded.parent.glob("checkpoint_*") if (p / "state.pt").is_file())
+        present = sorted(p for p in recorded.parent.glob("checkpoint_*") if (p / STATE_FILE).is_file())
         if not present:
             continue
         shutil.copytree(present[-1], recorded)
