@@ -264,7 +264,11 @@ def repair_pruned_checkpoints(exp_path: str) -> list[str]:
         present = sorted(p for p in recorded.parent.glob("checkpoint_*") if (p / STATE_FILE).is_file())
         if not present:
             continue
-        shutil.copytree(present[-1], recorded)
+        try:
+            shutil.copytree(present[-1], recorded)
+        except OSError as e:  # leave this trial's restore to Ray (and its error) rather than stop the resume
+            repaired.append(f"{recorded.parent.name}: could not restore its pruned {recorded.name}: {e}")
+            continue
         repaired.append(
             f"{recorded.parent.name}: its recorded {recorded.name} was pruned before Ray saved the sweep state; "
             f"resuming it from {present[-1].name}, its newest"

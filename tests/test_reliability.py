@@ -457,6 +457,7 @@ def test_driver_sigkill_right_after_a_trial_finished_then_resume(small_corpus, t
         assert d.wait() == -signal.SIGKILL
     with driver(sweep_args(None, "edge", store, "--resume"), ray_tmp, tmp_path) as resumed:
         rc = resumed.wait()
+    assert (store / "edge" / "results.csv").is_file(), (rc, resumed.output[-6000:])  # what the resume said
     df = read_results(store / "edge")
     assert len(df) == 2
     assert set(resumed.errored()) == set(), resumed.output[-6000:]
