@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--trial-tokens", type=lambda s: int(float(s.replace("_", ""))), default=900_000)
     ap.add_argument("--cpus-per-trial", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="trials run with train.compile")
+    ap.add_argument("--allocator", default="auto", help="run_sweep --allocator: auto (tcmalloc if installed), system")
     ap.add_argument("--eval-tokens", type=lambda s: int(float(s.replace("_", ""))), default=100_000)
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -41,7 +42,7 @@ def main() -> None:
     from sweeps.run_sweep import start_ray
 
     t0 = time.perf_counter()
-    start_ray(None, os.cpu_count())
+    start_ray(None, os.cpu_count())  # Ray's own start-up, without the allocator's runtime env
     t1 = time.perf_counter()
     ray.shutdown()
     ray_init_s, ray_shutdown_s = t1 - t0, time.perf_counter() - t1
@@ -66,7 +67,17 @@ def main() -> None:
         (tmp / "space.yaml").write_text(yaml.safe_dump(space))
         t0 = time.perf_counter()
         wall_start = time.time()
-        code = run_sweep(["--space", str(tmp / "space.yaml"), "--storage-path", str(tmp / "out"), "--quiet"])
+        code = run_sweep(
+            [
+                "--space",
+                str(tmp / "space.yaml"),
+                "--storage-path",
+                str(tmp / "out"),
+                "--quiet",
+                "--allocator",
+                args.allocator,
+            ]
+        )
         driver_s = time.perf_counter() - t0
         wall = (tmp / "out" / "bench" / "summary.md").stat().st_mtime - wall_start  # results written
         if code != 0:
@@ -83,7 +94,7 @@ def main() -> None:
     compile_s = last["compile_time_s"]
     print(
         f"\n{n} trials x {args.trial_tokens:,} tokens, {slots} concurrent x {args.cpus_per_trial} CPU, "
-        f"{'train.compile, ' if args.compile else ''}"
+        f"{'train.compile, ' if args.compile else ''}allocator {args.allocator}, "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n"
     )
     rows = [
@@ -91,6 +102,7 @@ def main() -> None:
         ("sweep wall time (driver start to results written)", f"{wall:.1f} s"),
         ("driver time (to exit, after Ray's shutdown)", f"{driver_s:.1f} s"),
         ("sum of time inside training steps", f"{train_s:.1f} s"),
+        ("training tokens/s per trial (tokens / time in steps)", f"{last['tokens_seen'].sum() / train_s:,.0f}"),
         ("utilization = train / (wall x slots)", f"{train_s / (wall * slots):.2f}"),
         ("utilization of the trial phase = train / sum of Ray trial time", f"{train_s / ray_trial_s:.2f}"),
         ("per-trial start overhead (Ray trial time - loop time)", f"{(ray_trial_s - loop_s) / n:.2f} s"),

@@ -54,7 +54,9 @@ class Embedding(nn.Module):
         nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
 
     def forward(self, token_ids: Tensor) -> Tensor:  # (...) int -> (..., embedding_dim)
-        return self.weight[token_ids]
+        # The same row lookup as self.weight[token_ids], but its backward is embedding_dense_backward
+        # instead of index_put_ with accumulate (which sorts the indices): 0.55 vs 2.44 ms at 4,096 tokens.
+        return F.embedding(token_ids, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -290,12 +292,21 @@ class TransformerLM(nn.Module):
             attention=config.attention,
         )
 
-    def hidden_states(self, idx: Tensor, token_positions: Tensor | None = None) -> Tensor:
-        """idx: (batch, seq) int64 -> final normalized hidden states (batch, seq, d_model)."""
+    def body(self, idx: Tensor, token_positions: Tensor | None = None) -> Tensor:
+        """idx: (batch, seq) int64 -> the last block's output (batch, seq, d_model), before the final norm."""
         x = self.token_embeddings(idx)
         for layer in self.layers:
             x = layer(x, token_positions)
-        return self.ln_final(x)
+        return x
+
+    def hidden_states(self, idx: Tensor, token_positions: Tensor | None = None) -> Tensor:
+        """idx: (batch, seq) int64 -> final normalized hidden states (batch, seq, d_model)."""
+        return self.ln_final(self.body(idx, token_positions))
+
+    def head_loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        """x: (n, d_model) last block outputs, targets: (n,) -> mean cross-entropy after the final norm and
+        the output layer, with the logits taken in float32 (what `compile_layers` compiles)."""
+        return logits_cross_entropy(self.ln_final(x), self.lm_head.weight, targets)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, token_positions: Tensor | None = None):
         """idx: (batch, seq) int64 -> logits (batch, seq, vocab).
@@ -303,18 +314,19 @@ class TransformerLM(nn.Module):
         With `targets` (batch, seq) it returns the scalar mean cross-entropy instead. In fp32 that goes
         through `linear_cross_entropy`, which never holds the full logits; under reduced precision
         (CUDA autocast) the logits are built and the loss is taken in float32. After `compile_layers`,
-        the loss is a compiled `logits_cross_entropy` where the full logits are small or under autocast.
+        the final norm and the loss are a compiled `head_loss` where the full logits are small or under
+        autocast.
         """
-        h = self.hidden_states(idx, token_positions)  # (batch, seq, d_model)
+        x = self.body(idx, token_positions)  # (batch, seq, d_model)
         if targets is None:
-            return self.lm_head(h)
-        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (n, d_model), (n,)
-        fp32 = h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
-        if self.compiled_loss is not None and (not fp32 or h.shape[0] * self.vocab_size <= COMPILED_LOSS_MAX_LOGITS):
-            return self.compiled_loss(h, self.lm_head.weight, targets)
+            return self.lm_head(self.ln_final(x))
+        x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)  # (n, d_model), (n,)
+        fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+        if self.compiled_loss is not None and (not fp32 or x.shape[0] * self.vocab_size <= COMPILED_LOSS_MAX_LOGITS):
+            return self.compiled_loss(x, targets)
         if fp32:
-            return linear_cross_entropy(h, self.lm_head.weight, targets)
-        return logits_cross_entropy(h, self.lm_head.weight, targets)
+            return linear_cross_entropy(self.ln_final(x), self.lm_head.weight, targets)
+        return self.head_loss(x, targets)
 
 
 # Up to this many logits (4M floats, 16 MB) inductor's fused softmax-cross-entropy beats the chunked
@@ -328,7 +340,7 @@ def logits_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
 
 
 def compile_layers(model: TransformerLM, dynamic: bool | None = None) -> TransformerLM:
-    """torch.compile each transformer block and the loss, in place; returns the model.
+    """torch.compile each transformer block and the final norm + loss (`head_loss`), in place; returns the model.
 
     Every block runs the same code on same-shaped tensors, so one compiled graph serves all layers:
     compile time does not grow with depth, unlike compiling the whole model (which also unrolls the
@@ -338,7 +350,8 @@ def compile_layers(model: TransformerLM, dynamic: bool | None = None) -> Transfo
     """
     for layer in model.layers:
         layer.compile(dynamic=dynamic)
-    model.compiled_loss = torch.compile(logits_cross_entropy, dynamic=dynamic)
+    # The final norm is compiled with the loss: in eager it is five elementwise passes each way.
+    model.compiled_loss = torch.compile(model.head_loss, dynamic=dynamic)
     return model
 
 

@@ -75,6 +75,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override the space (search.seed=1, stop.max_tokens=1e6) or fix a config field (train.compile=true)",
     )
+    ap.add_argument(
+        "--allocator",
+        default="auto",
+        help="memory allocator trial workers preload: 'auto' (tcmalloc where installed, local Ray only),\n"
+        "'system' (glibc malloc), or a shared-library path",
+    )
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("--quiet", action="store_true", help="no per-result lines")
     return ap.parse_args(argv)
@@ -154,11 +160,41 @@ def save_spec(spec: SweepSpec, exp_dir: Path, name: str, command: list[str]) -> 
     (exp_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def start_ray(address: str | None, num_cpus: int | None) -> None:
+def allocator_env(allocator: str, local: bool) -> dict[str, str]:
+    """Environment for Ray's worker processes that preloads `allocator`: {} for glibc malloc.
+
+    "auto" picks tcmalloc when the machine has it (Debian/Ubuntu: libtcmalloc-minimal4) and Ray is local
+    (a cluster's nodes may lack it), unless LD_PRELOAD is already set. Freed tensor memory is reused hot
+    instead of being returned to the OS: 1.08x tokens/s at the tiny config, 1 thread (README, Performance).
+    Raises SweepInputError for a path that does not exist.
+    """
+    if allocator == "system":
+        return {}
+    if allocator == "auto":
+        import ctypes.util
+
+        if not local or os.environ.get("LD_PRELOAD"):
+            return {}
+        library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+        if library is None:
+            return {}
+    else:
+        library = allocator
+        if not Path(library).is_file():
+            raise SweepInputError(f"{library}: --allocator: expected 'auto', 'system' or a shared library file")
+    # tcmalloc reports every allocation over 1 GiB on stderr; a 17M model's batches are not news.
+    return {"LD_PRELOAD": library, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+
+
+def start_ray(address: str | None, num_cpus: int | None, worker_env: dict[str, str] | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray of `num_cpus` CPUs; Ray's
+    worker processes get the variables in `worker_env` (for example `allocator_env`'s)."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     common = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    if worker_env:
+        common["runtime_env"] = {"env_vars": worker_env}
     if address:
         try:
             ray.init(address=address, **common)
@@ -342,6 +378,7 @@ def make_callback(spec: SweepSpec, quiet: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    worker_env = allocator_env(args.allocator, local=not (args.address or os.environ.get("RAY_ADDRESS")))
     spec, storage, exp_dir, name = prepare(args)
     if not args.resume:
         save_spec(spec, exp_dir, name, [sys.executable, *sys.argv])
@@ -351,7 +388,9 @@ def run(args: argparse.Namespace) -> int:
     from sweeps.space import param_space, scheduler, search_algorithm
     from sweeps.trainable import train_trial
 
-    start_ray(args.address, args.num_cpus)
+    start_ray(args.address, args.num_cpus, worker_env)
+    if worker_env:
+        print(f"trial workers preload {worker_env['LD_PRELOAD']} (--allocator system: glibc malloc)", flush=True)
     try:
         import ray
 

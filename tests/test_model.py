@@ -276,6 +276,12 @@ def test_embedding_matches_nn_embedding():
     emb.load_state_dict(ref.state_dict(), strict=True)
     idx = torch.randint(0, 50, (4, 9))
     close(emb(idx), ref(idx), atol=0, rtol=0)
+    # The gradient sums the output gradients of every position holding a row's id (ids repeat here):
+    # that is one_hot(ids)^T @ grad_out.
+    grad_out = torch.randn(4, 9, 16)
+    emb(idx).backward(grad_out)
+    one_hot = F.one_hot(idx.reshape(-1), 50).float()  # (36, 50)
+    close(emb.weight.grad, one_hot.T @ grad_out.reshape(-1, 16), atol=1e-6, rtol=1e-6)
     e64 = lm.Embedding(5, 3, device="cpu", dtype=torch.float64)
     assert e64.weight.dtype == torch.float64
 

@@ -454,10 +454,11 @@ def test_driver_sigkill_right_after_a_trial_finished_then_resume(small_corpus, t
     with driver(sweep_args(space, "edge", store), ray_tmp, tmp_path) as d:
         finished_before = set(d.wait_until(d.finished, "a trial finished"))
         d.signal_group(signal.SIGKILL)  # at once: before Ray's next experiment snapshot
+        state_at_kill = sorted(p.name for p in (store / "edge").glob("experiment_state*"))
         assert d.wait() == -signal.SIGKILL
     with driver(sweep_args(None, "edge", store, "--resume"), ray_tmp, tmp_path) as resumed:
         rc = resumed.wait()
-    assert (store / "edge" / "results.csv").is_file(), (rc, resumed.output[-6000:])  # what the resume said
+    assert (store / "edge" / "results.csv").is_file(), (rc, state_at_kill, resumed.output[-6000:])
     df = read_results(store / "edge")
     assert len(df) == 2
     assert set(resumed.errored()) == set(), resumed.output[-6000:]

@@ -471,6 +471,7 @@ def test_cli_resume_unknown_sweep_exits_2(tmp_path):
         ),
         (["--resume"], ["--resume needs --name"]),
         (["--space", "{missing}"], ["{missing}", "not found"]),
+        (["--allocator", "{missing}"], ["{missing}", "--allocator", "shared library"]),
     ],
     ids=[
         "bad-space",
@@ -480,6 +481,7 @@ def test_cli_resume_unknown_sweep_exits_2(tmp_path):
         "set-config-field",
         "resume-without-name",
         "missing-space-file",
+        "missing-allocator-library",
     ],
 )
 def test_driver_main_rejects_bad_input_before_starting_ray(tmp_path, monkeypatch, capsys, args, fragments):
@@ -502,6 +504,24 @@ def test_driver_main_rejects_bad_input_before_starting_ray(tmp_path, monkeypatch
         fragment = fragment.replace("{missing}", str(missing))
         assert fragment in lines[0], (fragment, lines[0])
     assert not (tmp_path / "results" / "lr_sweep").exists()  # nothing written for a rejected sweep
+
+
+def test_allocator_env_choices(tmp_path, monkeypatch):
+    import ctypes.util
+
+    from sweeps.run_sweep import allocator_env
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert allocator_env("system", local=True) == {}
+    library = tmp_path / "libmy_malloc.so"
+    library.write_bytes(b"\x7fELF")
+    assert allocator_env(str(library), local=False)["LD_PRELOAD"] == str(library)  # explicit: also on a cluster
+    installed = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    auto = allocator_env("auto", local=True)
+    assert auto.get("LD_PRELOAD") == installed  # tcmalloc where the machine has it, else glibc malloc
+    assert allocator_env("auto", local=False) == {}  # a cluster's nodes may not have this machine's library
+    monkeypatch.setenv("LD_PRELOAD", str(library))
+    assert allocator_env("auto", local=True) == {}  # the user's own preload is inherited, not replaced
 
 
 def test_search_algorithm_carries_the_concurrency_limit_for_every_algorithm(tmp_path):

@@ -396,3 +396,30 @@ def test_running_a_space_again_without_a_name_starts_a_new_sweep(sweep_run, caps
     _, _, exp_dir, name = run_sweep.prepare(args)  # everything before Ray starts
     assert name == f"{sweep_run['exp_dir'].name}-2" and exp_dir == sweep_run["exp_dir"].parent / name
     assert f"this one is '{name}'" in capsys.readouterr().out
+
+
+def test_trial_workers_preload_the_allocator_auto_picks(sweep_run):
+    """`--allocator auto` (the default): Ray's worker processes map tcmalloc where the machine has it
+    (and the driver says so), and run glibc malloc where it does not."""
+    import ray
+
+    env = run_sweep.allocator_env("auto", local=True)
+    if env:
+        assert f"trial workers preload {env['LD_PRELOAD']}" in sweep_run["stdout"]
+    else:
+        assert "trial workers preload" not in sweep_run["stdout"]
+
+    @ray.remote(num_cpus=0)
+    def mapped_allocators() -> set[str]:
+        with open("/proc/self/maps") as maps:
+            return {Path(line.split()[-1]).name for line in maps if "tcmalloc" in line}
+
+    run_sweep.start_ray(None, 1, env)
+    try:
+        mapped = ray.get(mapped_allocators.remote())
+    finally:
+        ray.shutdown()
+    if env:
+        assert any(name.startswith(Path(env["LD_PRELOAD"]).name) for name in mapped), mapped
+    else:
+        assert mapped == set()
