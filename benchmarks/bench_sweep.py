@@ -1,6 +1,6 @@
 """Where a CPU sweep's time goes: an 8-trial sweep of ~60 s trials, end to end.
 
-    python benchmarks/bench_sweep.py [--trials 8] [--trial-tokens 900_000] [--cpus-per-trial 1] [--compile]
+    python benchmarks/bench_sweep.py [--trials 8] [--trial-tokens 1_400_000] [--cpus-per-trial 1] [--compile]
 
 Runs the real driver (`sweeps/run_sweep.py`: local Ray, reused actors, FIFO so every trial runs its whole
 budget) on the built-in corpus with the tiny model, then prints: Ray start-up (init + shutdown, timed on
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--trial-tokens", type=lambda s: int(float(s.replace("_", ""))), default=900_000)
+    ap.add_argument("--trial-tokens", type=lambda s: int(float(s.replace("_", ""))), default=1_400_000)  # ~60 s per trial at 1 thread (tiny, 2026-11)
     ap.add_argument("--cpus-per-trial", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="trials run with train.compile")
     ap.add_argument("--allocator", default="auto", help="run_sweep --allocator: auto (tcmalloc if installed), system")
