@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--trial-tokens", type=lambda s: int(float(s.replace("_", ""))), default=1_400_000)  # ~60 s per trial at 1 thread (tiny, 2026-11)
+    # 1.4M tokens: about 60 s per trial at 1 thread (tiny model, 2026-11), the trial length.
+    ap.add_argument("--trial-tokens", type=lambda s: int(float(s.replace("_", ""))), default=1_400_000)
     ap.add_argument("--cpus-per-trial", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="trials run with train.compile")
     ap.add_argument("--allocator", default="auto", help="run_sweep --allocator: auto (tcmalloc if installed), system")
