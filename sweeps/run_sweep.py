@@ -163,7 +163,7 @@ def save_spec(spec: SweepSpec, exp_dir: Path, name: str, command: list[str]) -> 
 def allocator_env(allocator: str, local: bool) -> dict[str, str]:
     """Environment for Ray's worker processes that preloads `allocator`: {} for glibc malloc.
 
-    "auto" picks tcmalloc when the machine has it (Debian/Ubuntu: libtcmalloc-minimal4) and Ray is local
+    "auto" picks tcmalloc on Linux when the machine has it (Debian/Ubuntu: libtcmalloc-minimal4) and Ray is local
     (a cluster's nodes may lack it), unless LD_PRELOAD is already set. Freed tensor memory is reused hot
     instead of being returned to the OS: 1.08x tokens/s at the tiny config, 1 thread (README, Performance).
     Raises SweepInputError for a path that does not exist.
@@ -173,8 +173,8 @@ def allocator_env(allocator: str, local: bool) -> dict[str, str]:
     if allocator == "auto":
         import ctypes.util
 
-        if not local or os.environ.get("LD_PRELOAD"):
-            return {}
+        if not local or os.environ.get("LD_PRELOAD") or not sys.platform.startswith("linux"):
+            return {}  # (LD_PRELOAD is the Linux loader's; macOS would need DYLD_INSERT_LIBRARIES)
         library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
         if library is None:
             return {}
