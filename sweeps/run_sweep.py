@@ -378,7 +378,9 @@ def make_callback(spec: SweepSpec, quiet: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    worker_env = allocator_env(args.allocator, local=not (args.address or os.environ.get("RAY_ADDRESS")))
+    # One answer to "local Ray or a cluster?" for the allocator, start_ray and the CPU count.
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    worker_env = allocator_env(args.allocator, local=address is None)
     spec, storage, exp_dir, name = prepare(args)
     if not args.resume:
         save_spec(spec, exp_dir, name, [sys.executable, *sys.argv])
@@ -388,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     from sweeps.space import param_space, scheduler, search_algorithm
     from sweeps.trainable import train_trial
 
-    start_ray(args.address, args.num_cpus, worker_env)
+    start_ray(address, args.num_cpus, worker_env)
     if worker_env:
         print(f"trial workers preload {worker_env['LD_PRELOAD']} (--allocator system: glibc malloc)", flush=True)
     try:
@@ -396,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_storage_shared(storage, exp_dir)
         gpu = gpus_per_trial(spec)
-        cpu = cpus_per_trial(spec, gpu, args.num_cpus if args.address is None else None)
+        cpu = cpus_per_trial(spec, gpu, args.num_cpus if address is None else None)
         threads = max(1, int(cpu))
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, spec=spec, threads=threads, gpu=gpu, exp_dir=str(exp_dir)),
