@@ -1,6 +1,6 @@
 """Data-path costs as fractions of one training step, in one process.
 
-    python benchmarks/bench_data.py [--tokens 100_000_000] [--config configs/tiny.yaml] [--threads N]
+    python benchmarks/bench_data.py [--tokens 100_000_000] [--config lm/configs/tiny.yaml] [--threads N]
 
 Writes a uint16 token file of `--tokens` random ids to a temp dir (memory-mapped, not loaded), then times
 `get_batch` (batches/s, tokens/s), one training step of the config's model, and one evaluation on the
@@ -21,14 +21,14 @@ import torch
 from lm.config import Config
 from lm.data import BatchSampler, open_tokens, validation_starts
 from lm.model import TransformerLM
-from lm.optim import AdamW, clip_gradients
-from lm.train import evaluate
+from lm.optim import AdamW
+from lm.train import evaluate, train_step
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=lambda s: int(float(s.replace("_", ""))), default=100_000_000)
-    ap.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"))
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "lm" / "configs" / "tiny.yaml"))
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -60,17 +60,11 @@ def main() -> None:
         opt = AdamW(model.parameters(), lr=1e-3)
         x, y = sampler.next("cpu")
         for _ in range(3):
-            opt.zero_grad()
-            model(x, y).backward()
-            clip_gradients(model.parameters(), 1.0)
-            opt.step()
+            train_step(model, opt, x, y, 1e-3, grad_clip=1.0)
         steps = 5
         t0 = time.perf_counter()
         for _ in range(steps):
-            opt.zero_grad()
-            model(x, y).backward()
-            clip_gradients(model.parameters(), 1.0)
-            opt.step()
+            train_step(model, opt, x, y, 1e-3, grad_clip=1.0)
         step_s = (time.perf_counter() - t0) / steps
 
         starts = validation_starts(len(tokens), d.val_windows, m.context_length)
@@ -79,8 +73,9 @@ def main() -> None:
         evaluate(model, tokens, starts, config, torch.device("cpu"), contextlib.nullcontext)
         eval_s = time.perf_counter() - t0
 
-    steps_per_eval = config.interval_steps(config.train.eval_interval, config.train.eval_interval_tokens)
     tokens_per_batch = d.batch_size * m.context_length
+    t = config.train  # the loop's schedule: tokens win over steps; this is the mean spacing
+    steps_per_eval = t.eval_interval if t.eval_interval_tokens is None else t.eval_interval_tokens / tokens_per_batch
     print(
         f"\n{args.tokens:,}-token uint16 memmap; model {Path(args.config).name} "
         f"(batch {d.batch_size} x {m.context_length}); threads {torch.get_num_threads()}; "
@@ -97,7 +92,7 @@ def main() -> None:
     print(
         f"| evaluation ({len(starts)} windows) | {1e3 * eval_s:.1f} ms | {eval_s / step_s:.2f} steps; "
         f"{eval_s / (eval_s + steps_per_eval * step_s):.2%} of trial time at one eval every "
-        f"{steps_per_eval} steps |"
+        f"{steps_per_eval:.3g} steps |"
     )
 
 

@@ -18,6 +18,7 @@ under two minutes: a GPU machine's time is scarce, so the script's own bugs are 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -36,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import lm  # noqa: E402
 from lm.config import ModelConfig  # noqa: E402
+from lm.record import Key  # noqa: E402
+from lm.train import autocast_for, train_step  # noqa: E402
 
 MODEL = ModelConfig(10000, 256, 512, 4, 16, 1344)
 SMOKE_MODEL = ModelConfig(257, 32, 32, 2, 2, 88)  # --smoke: seconds on a CPU
@@ -60,13 +63,9 @@ def throughput(steps: int, batch: int, smoke: bool = False) -> None:
         opt = lm.AdamW(model.parameters(), lr=1e-3)
         step_model = compile_fn(model)
 
-        def step(step_model=step_model, model=model, opt=opt, dtype=dtype):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = step_model(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lm.clip_gradients(model.parameters(), 1.0)
-            opt.step()
+        step = functools.partial(
+            train_step, step_model, opt, x, y, 1e-3, grad_clip=1.0, autocast=autocast_for(device, dtype)
+        )
 
         sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
         t0 = time.perf_counter()
@@ -145,7 +144,7 @@ def _sweep(
     if code != 0:
         raise SystemExit(f"sweep exited {code}")
     hist = pd.read_parquet(tmp / "out" / f"share{trials}" / "history.parquet")
-    last = hist.sort_values("tokens_seen").groupby("trial_id").tail(1)
+    last = hist.sort_values(Key.tokens_seen).groupby("trial_id").tail(1)
     return last, wall, float(np.mean(samples)) if samples else float("nan")
 
 
@@ -162,7 +161,7 @@ def sharing(tokens: int, share: float, smoke: bool = False) -> None:
         rows = []
         for n, s in ((1, 1.0), (trials, share)):
             last, wall, util = _sweep(tmp, n, s, tokens, data, smoke)
-            per_trial = (last["tokens_seen"] / last["train_time_s"]).tolist()
+            per_trial = (last[Key.tokens_seen] / last[Key.train_time_s]).tolist()
             rows.append((n, s, per_trial, sum(per_trial), n * tokens / wall, util))
     print(
         f"\n{_device_name()}, {'SMOKE: tiny model, CPU trials' if smoke else '17M model bf16 + compile'}, "

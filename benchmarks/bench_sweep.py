@@ -22,6 +22,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from lm.record import Key
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -29,18 +31,17 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=8)
-    # 1.4M tokens: about 60 s per trial at 1 thread (tiny model, 2026-11), the trial length.
+    # Default trial length: the one the README's sweep figures use (about a minute per trial at 1 thread).
     ap.add_argument("--trial-tokens", type=lambda s: int(float(s.replace("_", ""))), default=1_400_000)
     ap.add_argument("--cpus-per-trial", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="trials run with train.compile")
     ap.add_argument("--allocator", default="auto", help="run_sweep --allocator: auto (tcmalloc if installed), system")
     ap.add_argument("--eval-tokens", type=lambda s: int(float(s.replace("_", ""))), default=100_000)
     args = ap.parse_args()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from sweeps.run_sweep import main as run_sweep
-    from sweeps.run_sweep import start_ray
+    from sweeps.cluster import start_ray
+    from sweeps.run_sweep import main as run_sweep  # sets Ray's environment defaults
 
     t0 = time.perf_counter()
     start_ray(None, os.cpu_count())  # Ray's own start-up, without the allocator's runtime env
@@ -53,7 +54,7 @@ def main() -> None:
         tmp = Path(tmp)
         space = {
             "name": "bench",
-            "base_config": str(ROOT / "configs" / "tiny.yaml"),
+            "base_config": str(ROOT / "lm" / "configs" / "tiny.yaml"),
             "search": {"algorithm": "random", "seed": 0, "max_concurrent_trials": slots},
             "scheduler": {"type": "fifo"},
             "num_samples": args.trials,
@@ -85,14 +86,14 @@ def main() -> None:
             raise SystemExit(f"sweep failed with exit code {code}")
         hist = pd.read_parquet(tmp / "out" / "bench" / "history.parquet")
 
-    last = hist.sort_values("tokens_seen").groupby("trial_id").tail(1).sort_values("trial_id")  # trial order
+    last = hist.sort_values(Key.tokens_seen).groupby("trial_id").tail(1).sort_values("trial_id")  # trial order
     n = len(last)
-    train_s = last["train_time_s"].sum()
-    loop_s = last["elapsed_s"].sum()
+    train_s = last[Key.train_time_s].sum()
+    loop_s = last[Key.elapsed_s].sum()
     ray_trial_s = last["time_total_s"].sum()
     reports = hist.groupby("trial_id").size().mean()
-    per_report = last["report_time_s"].mean() / max(reports - 1, 1)  # report_time_s counts earlier reports
-    compile_s = last["compile_time_s"]
+    per_report = last[Key.report_time_s].mean() / max(reports - 1, 1)  # report_time_s counts earlier reports
+    compile_s = last[Key.compile_time_s]
     print(
         f"\n{n} trials x {args.trial_tokens:,} tokens, {slots} concurrent x {args.cpus_per_trial} CPU, "
         f"{'train.compile, ' if args.compile else ''}allocator {args.allocator}, "
@@ -103,7 +104,7 @@ def main() -> None:
         ("sweep wall time (driver start to results written)", f"{wall:.1f} s"),
         ("driver time (to exit, after Ray's shutdown)", f"{driver_s:.1f} s"),
         ("sum of time inside training steps", f"{train_s:.1f} s"),
-        ("training tokens/s per trial (tokens / time in steps)", f"{last['tokens_seen'].sum() / train_s:,.0f}"),
+        ("training tokens/s per trial (tokens / time in steps)", f"{last[Key.tokens_seen].sum() / train_s:,.0f}"),
         ("utilization = train / (wall x slots)", f"{train_s / (wall * slots):.2f}"),
         ("utilization of the trial phase = train / sum of Ray trial time", f"{train_s / ray_trial_s:.2f}"),
         ("per-trial start overhead (Ray trial time - loop time)", f"{(ray_trial_s - loop_s) / n:.2f} s"),
@@ -111,13 +112,13 @@ def main() -> None:
             "per-trial gap between trials (wall x slots - Ray trial time) / trials",
             f"{(wall * slots - ray_trial_s) / n:.2f} s",
         ),
-        ("evaluation per trial", f"{last['eval_time_s'].mean():.2f} s ({reports:.0f} evals)"),
+        ("evaluation per trial", f"{last[Key.eval_time_s].mean():.2f} s ({reports:.0f} evals)"),
         (
             "compile per trial (first step): mean, share of trial time; each trial in order",
             f"{compile_s.mean():.1f} s = {compile_s.sum() / ray_trial_s:.1%} of trial time; "
             f"{' '.join(f'{v:.1f}' for v in compile_s)} s",
         ),
-        ("checkpoint writes per trial", f"{last['checkpoint_time_s'].mean():.2f} s"),
+        ("checkpoint writes per trial", f"{last[Key.checkpoint_time_s].mean():.2f} s"),
         (
             "tune.report per report (with checkpoint)",
             f"{1e3 * per_report:.0f} ms",

@@ -17,12 +17,14 @@ from typing import IO, Any, BinaryIO
 
 import torch
 
+from lm.cli import InputError
+
 FORMAT = "lm-sweeps/train-state"
 VERSION = 1
 _COMPILE_PREFIX = "_orig_mod."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file is missing, truncated or not one of ours (one-line message naming the file)."""
 
 

@@ -4,26 +4,50 @@ The training CLI, YAML/JSON files and every sweep trial build these same objects
 dotted overrides (`optimizer.lr=3e-4`, `--model.d_model 256`) change single fields, and `validate()`
 checks the whole before any expensive work starts. Errors are `ConfigError`s whose one-line message
 names the source (file) and the field.
+
+The bottom half is the dataclass machinery that reads these configs and the sweep spaces alike
+(sweeps/space.py): `build` makes a (nested) dataclass from a mapping, converting each value to its field's
+annotated type with `coerce`; `dump` turns one back into plain YAML data; `field_docs` reads the attribute
+docstrings that `config_help` prints.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import enum
+import functools
+import inspect
 import json
 import math
+import textwrap
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import yaml
 
+from lm.cli import InputError
+from lm.data import TOKEN_DTYPES
 from lm.model import ATTENTIONS, FFNS, NORMS, POS_EMBS
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value is missing, unknown, of the wrong type or out of range (one-line message)."""
+
+
+# String choices are Literal types: `build` checks them and `config_help` lists them. Each list of choices is
+# defined once, by the code that implements the choices (Literal[("a", "b")] is Literal["a", "b"]).
+Norm = Literal[NORMS]
+PosEmb = Literal[POS_EMBS]
+Ffn = Literal[FFNS]
+Attention = Literal[ATTENTIONS]
+TokenDtype = Literal[TOKEN_DTYPES]
+Precision = Literal["auto", "fp32", "bf16"]
+Progress = Literal["auto", "bar", "lines", "off"]
 
 
 @dataclass
@@ -44,15 +68,15 @@ class ModelConfig:
     """Hidden width of the feed-forward network (about 8/3 d_model for SwiGLU, 4 d_model for SiLU)."""
     rope_theta: float = 10000.0
     """RoPE base theta."""
-    norm: str = "pre"
+    norm: Norm = "pre"
     """Ablation: "pre" (default), "post" (norm after each residual add) or "none"."""
-    pos_emb: str = "rope"
+    pos_emb: PosEmb = "rope"
     """Ablation: "rope" or "nope" (no positional encoding; causal attention alone)."""
-    ffn: str = "swiglu"
+    ffn: Ffn = "swiglu"
     """Ablation: "swiglu" or "silu" (w2(silu(w1 x)), no gate)."""
     tie_embeddings: bool = False
     """Ablation: share the token embedding with the output layer."""
-    attention: str = "sdpa"
+    attention: Attention = "sdpa"
     """"sdpa" (PyTorch's fused causal kernel) or "reference" (from-scratch math; slower, same result)."""
 
 
@@ -88,8 +112,8 @@ class DataConfig:
     """Training tokens (.npy or .bin). Null: the built-in story corpus, generated once and cached."""
     val_path: str | None = None
     """Validation tokens. Null with train_path set: an error; with the built-in corpus: its val split."""
-    dtype: str | None = None
-    """Token dtype of .bin files (uint16 or uint32); .npy files carry their own; meta.json may give it."""
+    dtype: TokenDtype | None = None
+    """Token dtype of .bin files; .npy files carry their own; meta.json may give it."""
     batch_size: int = 32
     """Training windows per step."""
     val_windows: int = 128
@@ -122,7 +146,7 @@ class TrainConfig:
     """Seeds model init, batch sampling and dropout-free training: same seed, same losses (CPU)."""
     device: str = "auto"
     """"auto" (cuda, then mps, then cpu), or a torch device string."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """"auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16"."""
     tf32: bool = True
     """Allow TF32 matmuls on CUDA."""
@@ -134,7 +158,7 @@ class TrainConfig:
     """Stop and mark the run diverged when a train or val loss exceeds this (NaN/inf always do)."""
     out_dir: str = "runs/default"
     """Run directory: logs, metrics, TensorBoard events and checkpoints."""
-    progress: str = "auto"
+    progress: Progress = "auto"
     """Console output: "auto" (a progress bar in a terminal, plain lines otherwise), "bar", "lines", "off"."""
     tensorboard: bool = True
     """Write TensorBoard event files into out_dir/tb."""
@@ -145,9 +169,13 @@ class Config:
     """A whole training run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW and the learning-rate schedule."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Token files and batch sizes."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Length, intervals, device and output."""
 
     # ---- derived quantities (the loop and the sweep use these; nothing else recomputes them) ----
     @property
@@ -174,15 +202,13 @@ class Config:
 
         return get_lr_cosine_schedule(step, self.optimizer.lr, self.min_lr, self.warmup_steps, self.total_steps - 1)
 
-    def interval_steps(self, steps: int | None, tokens: int | None) -> int | None:
-        """An interval in steps from one given in tokens (wins) or steps; None if neither is set."""
-        if tokens is not None:
-            return max(1, math.ceil(tokens / self.tokens_per_step))
-        return steps
-
-    # ---- construction ----
+    # ---- construction and output ----
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """Every field as YAML, by section (what `--print-config` prints; `from_dict` reads it back)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def replace(self, overrides: dict[str, Any], source: str = "overrides") -> Config:
         """A validated copy with dotted-key overrides applied (`{"optimizer.lr": 3e-4}`)."""
@@ -197,16 +223,7 @@ class Config:
     @staticmethod
     def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         """Build and validate from nested dicts; missing fields take their defaults."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping with sections {list(SECTIONS)}, got {type(data).__name__}")
-        sections = {}
-        for key, value in data.items():
-            if key not in SECTIONS:
-                raise ConfigError(f"{source}: unknown section '{key}' (expected one of {list(SECTIONS)})")
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: section '{key}' must be a mapping, got {type(value).__name__}")
-            sections[key] = _build_section(SECTIONS[key], value, f"{source}: {key}")
-        config = Config(**sections)
+        config = build(Config, data, source)
         config.validate(source)
         return config
 
@@ -226,95 +243,55 @@ class Config:
         config = Config.from_dict(data or {}, source=str(path))
         return config.replace(overrides, source=str(path)) if overrides else config
 
+    # ---- validation: each field's type and choices are checked by `build`; here, ranges and combinations ----
     def validate(self, source: str = "config") -> None:
         """Raise ConfigError naming the first field whose value cannot work."""
+        for key, expected, holds in self._checks():
+            if not holds:
+                section, name = key.split(".")
+                got = getattr(getattr(self, section), name)
+                raise ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
+
+    def _checks(self) -> Iterator[tuple[str, str, bool]]:
+        """(field, what it must be, whether it is), in order: a check may rely on those before it."""
         m, o, d, t = self.model, self.optimizer, self.data, self.train
-
-        def fail(key: str, expected: str, got: Any) -> typing.NoReturn:
-            raise ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
-
-        for key, value in (
-            ("model.vocab_size", m.vocab_size),
-            ("model.context_length", m.context_length),
-            ("model.d_model", m.d_model),
-            ("model.num_layers", m.num_layers),
-            ("model.num_heads", m.num_heads),
-            ("model.d_ff", m.d_ff),
-            ("data.batch_size", d.batch_size),
-            ("data.val_windows", d.val_windows),
-            ("data.val_batch_size", d.val_batch_size),
-            ("train.max_tokens", t.max_tokens),
-            ("train.log_interval", t.log_interval),
-            ("train.keep_checkpoints", t.keep_checkpoints),
-        ):
-            if value < 1:
-                fail(key, "a positive integer", value)
-        for key, value in (
-            ("train.eval_interval", t.eval_interval),
-            ("train.eval_interval_tokens", t.eval_interval_tokens),
-            ("train.checkpoint_interval_tokens", t.checkpoint_interval_tokens),
-            ("train.num_threads", t.num_threads),
-        ):
-            if value is not None and value < 1:
-                fail(key, "a positive integer or null", value)
-        if m.d_model % m.num_heads:
-            fail("model.d_model", f"a multiple of model.num_heads ({m.num_heads})", m.d_model)
-        if m.pos_emb == "rope" and (m.d_model // m.num_heads) % 2:
-            fail("model.d_model", "d_model / num_heads even (RoPE rotates pairs)", m.d_model)
-        for key, value, allowed in (
-            ("model.norm", m.norm, NORMS),
-            ("model.pos_emb", m.pos_emb, POS_EMBS),
-            ("model.ffn", m.ffn, FFNS),
-            ("model.attention", m.attention, ATTENTIONS),
-            ("train.precision", t.precision, ("auto", "fp32", "bf16")),
-            ("train.progress", t.progress, ("auto", "bar", "lines", "off")),
-            ("data.dtype", d.dtype, (None, "uint16", "uint32", "int32", "int64")),
-        ):
-            if value not in allowed:
-                fail(key, f"one of {list(allowed)}", value)
-        if m.rope_theta <= 0:
-            fail("model.rope_theta", "a positive number", m.rope_theta)
-        if not (o.lr > 0 and math.isfinite(o.lr)):
-            fail("optimizer.lr", "a positive number", o.lr)
-        if not 0 <= o.min_lr_ratio <= 1:
-            fail("optimizer.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio)
-        for key, value in (("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)):
-            if not 0 <= value < 1:
-                fail(key, "a number in [0, 1)", value)
-        if o.eps < 0 or o.weight_decay < 0:
-            fail(
-                "optimizer.eps" if o.eps < 0 else "optimizer.weight_decay",
-                "a non-negative number",
-                min(o.eps, o.weight_decay),
-            )
-        if o.grad_clip is not None and o.grad_clip <= 0:
-            fail("optimizer.grad_clip", "a positive number or null", o.grad_clip)
-        if not 0 <= o.warmup_fraction < 1:
-            fail("optimizer.warmup_fraction", "a number in [0, 1)", o.warmup_fraction)
-        if self.total_steps < 1:
-            fail(
-                "train.max_tokens",
-                f"at least one step of batch_size * context_length = {self.tokens_per_step} tokens",
-                t.max_tokens,
-            )
-        if o.warmup_iters is not None and not 0 <= o.warmup_iters < self.total_steps:
-            fail(
-                "optimizer.warmup_iters",
-                f"an integer in [0, total steps = {self.total_steps})",
-                o.warmup_iters,
-            )
-        if t.divergence_loss is not None and t.divergence_loss <= 0:
-            fail("train.divergence_loss", "a positive number or null", t.divergence_loss)
-        if d.train_path is not None and d.val_path is None:
-            fail("data.val_path", "a validation file when data.train_path is set", None)
+        for key in (
+            "model.vocab_size", "model.context_length", "model.d_model", "model.num_layers", "model.num_heads",
+            "model.d_ff", "data.batch_size", "data.val_windows", "data.val_batch_size", "train.max_tokens",
+            "train.log_interval", "train.keep_checkpoints",
+        ):  # fmt: skip
+            section, name = key.split(".")
+            yield key, "a positive integer", getattr(getattr(self, section), name) >= 1
+        for key in ("eval_interval", "eval_interval_tokens", "checkpoint_interval_tokens", "num_threads"):
+            value = getattr(t, key)
+            yield f"train.{key}", "a positive integer or null", value is None or value >= 1
+        yield "model.d_model", f"a multiple of model.num_heads ({m.num_heads})", m.d_model % m.num_heads == 0
+        rope_pairs = m.pos_emb != "rope" or (m.d_model // m.num_heads) % 2 == 0
+        yield "model.d_model", "d_model / num_heads even (RoPE rotates pairs)", rope_pairs
+        yield "model.rope_theta", "a positive number", m.rope_theta > 0
+        yield "optimizer.lr", "a positive number", o.lr > 0 and math.isfinite(o.lr)
+        yield "optimizer.min_lr_ratio", "a number in [0, 1]", 0 <= o.min_lr_ratio <= 1
+        yield "optimizer.beta1", "a number in [0, 1)", 0 <= o.beta1 < 1
+        yield "optimizer.beta2", "a number in [0, 1)", 0 <= o.beta2 < 1
+        yield "optimizer.eps", "a non-negative number", o.eps >= 0
+        yield "optimizer.weight_decay", "a non-negative number", o.weight_decay >= 0
+        yield "optimizer.grad_clip", "a positive number or null", o.grad_clip is None or o.grad_clip > 0
+        yield "optimizer.warmup_fraction", "a number in [0, 1)", 0 <= o.warmup_fraction < 1
+        one_step = f"at least one step of batch_size * context_length = {self.tokens_per_step} tokens"
+        yield "train.max_tokens", one_step, self.total_steps >= 1
+        warmup_ok = o.warmup_iters is None or 0 <= o.warmup_iters < self.total_steps
+        yield "optimizer.warmup_iters", f"an integer in [0, total steps = {self.total_steps})", warmup_ok
+        divergence_ok = t.divergence_loss is None or t.divergence_loss > 0
+        yield "train.divergence_loss", "a positive number or null", divergence_ok
+        yield (
+            "data.val_path",
+            "a validation file when data.train_path is set",
+            d.train_path is None or d.val_path is not None,
+        )
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "optimizer": OptimizerConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-}
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+"""Config's sections by name: {"model": ModelConfig, ...}."""
 
 
 def field_paths() -> list[str]:
@@ -330,17 +307,83 @@ def field_type(path: str) -> Any:
     return _hints(SECTIONS[section])[name]
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def config_help() -> str:
+    """Every config field by section: `--section.field TYPE = DEFAULT`, then its one-line doc (for --help)."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines += [""] if lines else []
+        lines.append(f"{section}: {inspect.cleandoc(cls.__doc__ or '').splitlines()[0]}")
+        docs, hints = field_docs(cls), _hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            lines.append(f"  --{section}.{f.name} {type_name(hints[f.name])} = {_yaml_text(default)}")
+            lines.append(f"        {docs.get(f.name, '')}")
+    return "\n".join(lines)
 
 
-def _build_section(cls: type, values: dict[str, Any], where: str):
+def parse_override_args(args: list[str]) -> dict[str, str]:
+    """Turn `["--optimizer.lr", "3e-4", "--model.d_model=256"]` into {"optimizer.lr": "3e-4", ...}.
+
+    Values stay strings; `Config.replace` coerces them to each field's type. Raises ConfigError for an
+    argument that is not `--section.field` or lacks a value.
+    """
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"command line: unexpected argument {arg!r} (overrides look like --optimizer.lr 3e-4)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataclasses from mappings and back (this config and sweeps/space.py)
+# ---------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Unset(enum.Enum):
+    UNSET = "unset"  # an enum member: still `is UNSET` after pickling (Ray sends specs to its workers)
+
+
+UNSET: Any = _Unset.UNSET
+"""Default of a field that must tell "not given" from null; `dump` leaves such a field out."""
+
+
+def build(cls: type[T], data: Any, source: str, path: str = "", noun: str = "field") -> T:
+    """An instance of dataclass `cls` from a mapping (parsed YAML/JSON), each value converted by `coerce` to its
+    field's annotated type; missing keys take the field defaults.
+
+    A field whose type is a dataclass is a section, built from a nested mapping (null: all defaults); a
+    `dict[str, X]` field maps names to X. Only `init` fields are keys. `source` (the file) and `path` (the
+    dotted position of `data` in it) start every message; `noun` is what the keys are called ("field", "key").
+    Raises ConfigError for a value that is not a mapping, an unknown key or a value that does not convert.
+    """
+    where = f"{source}: {path}" if path else source
+    if not isinstance(data, dict):
+        example = getattr(cls, "EXAMPLE", None)
+        raise ConfigError(f"{where}: expected a mapping{f' like {example}' if example else ''}, got {_show(data)}")
     hints = _hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
     kwargs = {}
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"{where}.{key}: unknown field (known: {', '.join(hints)})")
-        kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
+    for key, value in data.items():
+        if key not in known:
+            if path:
+                raise ConfigError(f"{where}.{key}: unknown {noun} (expected one of {known})")
+            # The top of a Config holds only sections; the top of a sweep space also plain keys.
+            sections = all(dataclasses.is_dataclass(hints[k]) for k in known)
+            what = "section" if sections else f"top-level {noun}"
+            raise ConfigError(f"{source}: unknown {what} '{key}' (expected one of {known})")
+        kwargs[key] = _convert(value, hints[key], source, f"{path}.{key}" if path else key, noun)
     return cls(**kwargs)
 
 
@@ -348,24 +391,103 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert `value` (from YAML, JSON or a command line string) to the annotated field type.
 
     Accepts "3e-4" for floats (YAML reads exponents without a dot as strings), "2_000_000" and integral
-    floats like 2e6 for ints, true/false/1/0 for bools, null/none for optional fields.
+    floats like 2e6 for ints, true/false/1/0 for bools, null/none for optional fields, and for a Literal (a
+    choice of strings) one of its strings, or a YAML boolean (off, yes) that spells exactly one of them.
     """
-    optional = False
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional, annotation = True, args[0]
+    return _convert(value, annotation, where, "", "field")
+
+
+def _convert(value: Any, annotation: Any, source: str, path: str, noun: str) -> Any:
+    where = f"{source}: {path}" if path else source
+    if annotation is Any:
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{source}: section '{path}' must be a mapping, got {type(value).__name__}")
+        return build(annotation, value or {}, source, path, noun)  # type: ignore[arg-type]
+    if typing.get_origin(annotation) is dict:
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
+        item = typing.get_args(annotation)[1]
+        return {k: _convert_item(v, item, source, f"{path}.{k}", noun) for k, v in (value or {}).items()}
+    choices = _union_args(annotation)
+    optional = type(None) in choices
+    choices = [c for c in choices if c is not type(None)]
     if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none", "~")):
         if optional:
             return None
-        raise ConfigError(f"{where}: expected {annotation.__name__}, got null")
+        raise ConfigError(f"{where}: expected {' or '.join(map(_kind, choices))}, got null")
+    for choice in choices:
+        try:
+            return _scalar(value, choice)
+        except (ValueError, TypeError):
+            pass
+    expected = " or ".join(map(_kind, choices)) + (" or null" if optional else "")
+    hint = ""
+    if isinstance(value, bool) and any(typing.get_origin(c) is Literal for c in choices):
+        hint = " (YAML reads unquoted yes/no/on/off as true/false: quote the word)"
+    raise ConfigError(f"{where}: expected {expected}, got {value!r}{hint}")
+
+
+def _convert_item(value: Any, annotation: Any, source: str, path: str, noun: str) -> Any:
+    """One value of a `dict[str, X]` field: a dataclass X is built from its own mapping (not a section)."""
+    if dataclasses.is_dataclass(annotation):
+        return build(annotation, value, source, path, noun)  # type: ignore[arg-type]
+    return _convert(value, annotation, source, path, noun)
+
+
+def dump(obj: Any) -> Any:
+    """Plain YAML data from a dataclass built by `build` (its `init` fields; UNSET ones left out), recursively."""
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: dump(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.init and getattr(obj, f.name) is not UNSET
+        }
+    if isinstance(obj, dict):
+        return {str(k): dump(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [dump(v) for v in obj]
+    if isinstance(obj, (str, Path)):
+        return str(obj)  # a plain str also for str enums (lm.record.Key): yaml.safe_dump knows only plain types
+    return obj
+
+
+def _union_args(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _scalar(value: Any, annotation: Any) -> Any:
+    if typing.get_origin(annotation) is Literal:
+        return _to_choice(value, typing.get_args(annotation))
     convert = _CONVERTERS.get(annotation)
     if convert is None:
-        raise ConfigError(f"{where}: unsupported field type {annotation}")
-    try:
-        return convert(value)
-    except (ValueError, TypeError):
-        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[annotation]
-        raise ConfigError(f"{where}: expected {kind}{' or null' if optional else ''}, got {value!r}") from None
+        raise ConfigError(f"unsupported field type {annotation}")
+    return convert(value)
+
+
+def _kind(annotation: Any) -> str:
+    """How a message names what a type accepts: "an integer", "one of ['pre', 'post']", '"auto"'."""
+    if typing.get_origin(annotation) is Literal:
+        choices = [str(c) for c in typing.get_args(annotation)]
+        return json.dumps(choices[0]) if len(choices) == 1 else f"one of {choices}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        annotation, str(annotation)
+    )
+
+
+def _to_choice(value: Any, choices: tuple[Any, ...]) -> str:
+    if isinstance(value, bool):  # YAML 1.1 reads unquoted off/on/yes/no as booleans
+        spellings = ("true", "yes", "on") if value else ("false", "no", "off")
+        matches = [c for c in choices if c in spellings]
+        if len(matches) == 1:
+            return str(matches[0])
+        raise ValueError
+    if isinstance(value, str) and value in choices:
+        return str(value)
+    raise ValueError
 
 
 def _to_bool(value: Any) -> bool:
@@ -406,24 +528,45 @@ def _to_str(value: Any) -> str:
 _CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
-def parse_override_args(args: list[str]) -> dict[str, str]:
-    """Turn `["--optimizer.lr", "3e-4", "--model.d_model=256"]` into {"optimizer.lr": "3e-4", ...}.
+def _show(value: Any) -> str:
+    """A value in a message: scalars as written, containers by their type (they can be long)."""
+    return repr(value) if value is None or isinstance(value, (str, int, float, bool)) else type(value).__name__
 
-    Values stay strings; `Config.replace` coerces them to each field's type. Raises ConfigError for an
-    argument that is not `--section.field` or lacks a value.
-    """
-    overrides: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"command line: unexpected argument {arg!r} (overrides look like --optimizer.lr 3e-4)")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ConfigError(f"command line: --{key} needs a value")
-            value = args[i + 1]
-            i += 1
-        overrides[key] = value
-        i += 1
-    return overrides
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Field documentation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass: {field: the string literal right below its annotation}."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
+
+
+def type_name(annotation: Any) -> str:
+    """A field type as help text shows it: int, float | null, {pre, post, none}."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is Literal:
+        return "{" + ", ".join(str(c) for c in typing.get_args(annotation)) + "}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _yaml_text(value: Any) -> str:
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)

@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from lm.cli import InputError
+
 # Token ids are stored unsigned; signed types are accepted for files written by other tools.
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 _SCAN_CHUNK = 1 << 24  # tokens per slice of the streaming max-id pass (bounded memory)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A token file is missing, malformed or disagrees with the config (one-line message naming it)."""
 
 

@@ -20,13 +20,16 @@ from typing import Any
 
 import torch
 
+from lm import cli
 from lm.checkpoint import CheckpointError, load_model_state, read_checkpoint
-from lm.config import Config, ConfigError
-from lm.data import DataError
+from lm.cli import InputError
+from lm.config import Config
 from lm.model import TransformerLM
+from lm.stories import EOT_TOKEN, builtin_data_path
+from lm.tokenizer import ByteTokenizer, load_tokenizer
 
 
-class GenerateError(ValueError):
+class GenerateError(InputError):
     """Bad generation input: a sampling setting out of range, or no usable tokenizer (one-line message)."""
 
 
@@ -98,36 +101,6 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _ByteTokenizer:
-    """Fallback byte tokenizer (ids 0-255 are UTF-8 bytes), used only if lm.tokenizer is unavailable."""
-
-    def __init__(self, eot_token: int | None = 256) -> None:
-        self.eot_token = eot_token
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-
-def _tokenizer_from_spec(spec: dict[str, Any] | None, meta_path: Path | None) -> Any:
-    """The tokenizer a meta.json describes (lm.tokenizer.load_tokenizer; byte fallback without it)."""
-    try:
-        from lm.tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None and meta_path is not None:
-        try:
-            return load_tokenizer(meta_path)
-        except (OSError, ValueError, KeyError) as e:
-            raise GenerateError(f"{meta_path}: cannot load the tokenizer ({' '.join(str(e).split())})") from None
-    if isinstance(spec, dict) and spec.get("type") == "byte":
-        return _ByteTokenizer(spec.get("eot_token", 256))
-    where = meta_path if meta_path is not None else "built-in corpus"
-    raise GenerateError(f"{where}: no usable tokenizer entry (expected {{'type': 'byte' | 'bpe', ...}})")
-
-
 def find_tokenizer(config: Config, meta_path: str | Path | None = None) -> Any:
     """The tokenizer of the run's data: `meta_path`, else meta.json beside data.train_path, else built-in.
 
@@ -135,28 +108,23 @@ def find_tokenizer(config: Config, meta_path: str | Path | None = None) -> Any:
     generated just to find the tokenizer.
     """
     if meta_path is None and config.data.train_path is None:
-        from lm.stories import EOT_TOKEN, VERSION, default_cache_root
-
-        cached = default_cache_root() / f"builtin-{VERSION}" / "meta.json"
-        if cached.is_file():
-            meta_path = cached
-        else:
-            try:
-                from lm.tokenizer import ByteTokenizer
-            except ImportError:
-                ByteTokenizer = _ByteTokenizer  # noqa: N806
+        cached = builtin_data_path() / "meta.json"
+        if not cached.is_file():
             return ByteTokenizer(EOT_TOKEN)
+        meta_path = cached
     if meta_path is None:
         meta_path = Path(config.data.train_path).with_name("meta.json")
     meta_path = Path(meta_path)
     if not meta_path.is_file():
         raise GenerateError(f"{meta_path}: no meta.json describing the tokenizer (pass --meta PATH)")
     try:
-        meta = json.loads(meta_path.read_text())
+        json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise GenerateError(f"{meta_path}: not valid JSON ({' '.join(str(e).split())})") from None
-    spec = meta.get("tokenizer") if isinstance(meta, dict) else None
-    return _tokenizer_from_spec(spec, meta_path)
+    try:
+        return load_tokenizer(meta_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise GenerateError(f"{meta_path}: cannot load the tokenizer ({' '.join(str(e).split())})") from None
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[TransformerLM, Config]:
@@ -188,15 +156,8 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises (one-line message) instead of printing usage and exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise GenerateError(f"command line: {message} (see --help)")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m lm.generate", description="Sample text from a training checkpoint.")
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m lm.generate", description="Sample text from a training checkpoint.")
     p.add_argument("--checkpoint", required=True, help="training-state checkpoint (.pt) written by lm.train")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, a fresh story)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to sample (default 256)")
@@ -205,7 +166,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: a fresh random seed)")
     p.add_argument("--device", default="auto", help='"auto" (cuda, mps, cpu) or a torch device (default auto)')
     p.add_argument("--meta", default=None, help="meta.json describing the tokenizer (default: the data's)")
-    p.add_argument("--debug", action="store_true", help="raise errors with a traceback")
     return p
 
 
@@ -248,20 +208,14 @@ def run(args: argparse.Namespace) -> str:
     return args.prompt + tokenizer.decode(new)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: print the prompt and its continuation; exit 2 with one `error:` line on bad input."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        args = _parser().parse_args(argv)
-        text = run(args)
-    except (GenerateError, CheckpointError, ConfigError, DataError) as e:
-        if debug:
-            raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(text)
+def _command(args: argparse.Namespace) -> int:
+    print(run(args))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lm-generate`: print the prompt and its continuation; exit 2 with one `error:` line on bad input."""
+    return cli.run(_command, build_parser(), argv)
 
 
 if __name__ == "__main__":

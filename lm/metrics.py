@@ -1,7 +1,8 @@
 """Where a run's numbers go: console (progress bar or plain lines), train.log, metrics.jsonl/.csv, TensorBoard.
 
-Every record carries `step` and `tokens_seen`. Records are flushed as they are written, because a sweep
-trial that the scheduler stops ends inside its report call and never reaches any cleanup code.
+Each row is a `lm.record.Record` of a kind ("train" or "eval"); every one carries `step` and `tokens_seen`, the
+x-axis of TensorBoard. Rows are flushed as they are written, because a sweep trial that the scheduler stops
+ends inside its report call and never reaches any cleanup code.
 """
 
 from __future__ import annotations
@@ -14,19 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-CSV_FIELDS = [
-    "kind",
-    "step",
-    "tokens_seen",
-    "train_loss",
-    "lr",
-    "grad_norm",
-    "tokens_per_s",
-    "elapsed_s",
-    "val_loss",
-    "val_perplexity",
-    "best_val_loss",
-]
+from lm.record import Key, Record
+
+CSV_FIELDS = ["kind", *Key]
 
 
 class RunLogger:
@@ -70,8 +61,9 @@ class RunLogger:
         elif self.progress != "off":
             print(message, flush=True)
 
-    def record(self, kind: str, metrics: dict[str, Any]) -> None:
-        """A metrics record: kind "train" (log interval) or "eval"."""
+    def record(self, kind: str, record: Record) -> None:
+        """A metrics row of `kind` ("train" every log interval, "eval" at each evaluation)."""
+        metrics = record.to_dict()
         row = {"kind": kind, **metrics}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
@@ -79,11 +71,11 @@ class RunLogger:
         self._csv_file.flush()
         if self._tb is not None:
             for key, value in metrics.items():
-                if key not in ("step", "tokens_seen") and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{kind}/{key}", value, global_step=metrics["tokens_seen"])
+                if key not in (Key.step, Key.tokens_seen) and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, global_step=record.tokens_seen)
             self._tb.flush()
         if self._bar is not None:
-            self._bar.n = metrics["step"]
+            self._bar.n = record.step
             self._bar.set_postfix_str(_short(metrics), refresh=True)
             if kind == "eval":
                 self._bar.write(_line(kind, metrics), file=sys.stderr)
@@ -108,20 +100,22 @@ class RunLogger:
 
 def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
-        if key == "lr":
+        if key == Key.lr:
             return f"{key} {value:.2e}"
-        if key == "tokens_per_s":
+        if key == Key.tokens_per_s:
             return f"{value:,.0f} tok/s"
         return f"{key} {value:.4f}"
     return f"{key} {value}"
 
 
 def _line(kind: str, metrics: dict[str, Any]) -> str:
-    keys = ["train_loss", "lr", "grad_norm", "tokens_per_s"] if kind == "train" else ["val_loss", "val_perplexity"]
+    keys = [Key.train_loss, Key.lr, Key.grad_norm, Key.tokens_per_s]
+    if kind != "train":
+        keys = [Key.val_loss, Key.val_perplexity]
     body = " | ".join(_fmt(k, metrics[k]) for k in keys if metrics.get(k) is not None)
-    return f"[{kind:5s}] step {metrics['step']:>6} | tokens {metrics['tokens_seen']:>11,} | {body}"
+    return f"[{kind:5s}] step {metrics[Key.step]:>6} | tokens {metrics[Key.tokens_seen]:>11,} | {body}"
 
 
 def _short(metrics: dict[str, Any]) -> str:
-    keys = ("train_loss", "val_loss", "tokens_per_s")
+    keys = (Key.train_loss, Key.val_loss, Key.tokens_per_s)
     return ", ".join(_fmt(k, metrics[k]) for k in keys if isinstance(metrics.get(k), float))

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from lm import cli
+from lm.cli import InputError
 from lm.tokenizer import (
     Tokenizer,
     find_chunk_boundaries,
@@ -51,7 +53,7 @@ ENCODE_CHUNK_BYTES = 4 << 20
 _READ_BLOCK = 1 << 20
 
 
-class PrepareError(ValueError):
+class PrepareError(InputError):
     """Bad input to :func:`prepare`; the message is one line naming the file (or option) and the problem."""
 
 
@@ -390,8 +392,8 @@ def prepare(
     return meta
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="python -m lm.prepare",
         description="Train (or reuse) a BPE tokenizer and encode raw UTF-8 text into train.npy / val.npy.",
     )
@@ -419,9 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 for bad input)."""
-    args = build_parser().parse_args(argv)
+def _command(args: argparse.Namespace) -> int:
     try:
         meta = prepare(
             args.input,
@@ -435,10 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
             force=args.force,
         )
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. an unwritable output directory or a full disk
+    except OSError as e:  # not bad input but the machine: an unwritable output directory, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = meta["num_tokens"]
@@ -447,6 +444,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{n['train']:,} train tokens, {n['val']:,} val tokens"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`lm-prepare`: exit 0 when written (or up to date), 2 on bad input (one `error:` line), 1 on an OS error."""
+    return cli.run(_command, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -761,6 +761,19 @@ def default_cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "lm-sweeps"
 
 
+def _corpus_name(train_tokens: int, val_tokens: int, seed: int) -> str:
+    name = f"builtin-{VERSION}"
+    if (train_tokens, val_tokens, seed) != (DEFAULT_TRAIN_TOKENS, DEFAULT_VAL_TOKENS, DEFAULT_SEED):
+        name += f"-{train_tokens}-{val_tokens}-s{seed}"
+    return name
+
+
+def builtin_data_path(cache_dir: str | Path | None = None) -> Path:
+    """Where the default built-in corpus lives, whether or not it has been generated yet."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    return root / _corpus_name(DEFAULT_TRAIN_TOKENS, DEFAULT_VAL_TOKENS, DEFAULT_SEED)
+
+
 def builtin_data_dir(
     cache_dir: str | Path | None = None,
     *,
@@ -780,9 +793,7 @@ def builtin_data_dir(
     generator instead of all generating the same data.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    name = f"builtin-{VERSION}"
-    if (train_tokens, val_tokens, seed) != (DEFAULT_TRAIN_TOKENS, DEFAULT_VAL_TOKENS, DEFAULT_SEED):
-        name += f"-{train_tokens}-{val_tokens}-s{seed}"
+    name = _corpus_name(train_tokens, val_tokens, seed)
     target = root / name
     if (target / "meta.json").is_file():
         return target

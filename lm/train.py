@@ -1,29 +1,34 @@
-"""The training loop: every sweep trial and every CLI run goes through `train()`.
+"""The training loop: every sweep trial, every CLI run and the benchmarks go through these pieces.
 
     python -m lm.train                                   # tiny model on the built-in story corpus
     python -m lm.train --config configs/tiny.yaml --optimizer.lr 1e-3 --train.out_dir runs/lr1e-3
     python -m lm.train --resume-from runs/default/checkpoints/final.pt --train.max_tokens 6_000_000
 
-Each step: get_batch, forward, cross-entropy, backward, clip_gradients, lr from the schedule, AdamW step.
-Evaluations run on fixed validation windows at token multiples; each writes a training-state checkpoint
-and then calls the caller's `reporter(metrics, checkpoint_path)` (the sweep reports to Ray Tune there).
-Nothing here imports Ray.
+`train(config)` is `setup` (device, data, model, optimizer, batch sampler, resume), then `run_loop`: until the
+token budget is spent, `train_step` (forward, cross-entropy, backward, clip_gradients, AdamW at the schedule's
+learning rate) and, at each evaluation, `evaluate_and_report` (fixed validation windows, a training-state
+checkpoint, then the caller's `reporter(metrics, checkpoint_path)`: the sweep reports to Ray Tune there), then
+`finish` (final checkpoint, `TrainSummary`). Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from lm import cli
 from lm.checkpoint import (
     CheckpointError,
     is_training_state,
@@ -31,14 +36,22 @@ from lm.checkpoint import (
     read_checkpoint,
     save_training_state,
 )
-from lm.config import Config, ConfigError, parse_override_args
-from lm.data import BatchSampler, DataError, open_tokens, read_meta, validation_batches, validation_starts
+from lm.config import Config
+from lm.data import BatchSampler, open_tokens, read_meta, validation_batches, validation_starts
 from lm.metrics import RunLogger
 from lm.model import TransformerLM, compile_layers, count_parameters
 from lm.optim import AdamW, clip_gradients
+from lm.record import Key, Record
 
 Reporter = Callable[[dict[str, Any], Path | None], None]
-"""Called after each evaluation with its metrics and the training-state checkpoint written for it."""
+"""Called after each evaluation with its metrics (`Record.to_dict()`) and the training-state checkpoint written
+for it (None when no checkpoint was due, and on the report of a diverged run)."""
+
+Autocast = Callable[[], AbstractContextManager]
+"""A factory of the context that runs forward passes (autocast to bf16, or nothing for fp32)."""
+
+
+# ---- device, precision and data ----
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,6 +76,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def autocast_for(device: torch.device, dtype: torch.dtype | None) -> Autocast:
+    """The forward-pass context for `dtype` on `device` (None: plain fp32, no autocast)."""
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
 def data_paths(config: Config) -> tuple[Path, Path, dict[str, Any]]:
     """(train file, val file, meta.json of the train file); the built-in corpus when no path is set."""
     if config.data.train_path is None:
@@ -83,14 +103,48 @@ def open_data(config: Config) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     return train, val, meta
 
 
+# ---- the step and the evaluation (also used by sweeps.placement and the benchmarks) ----
+
+
+def train_step(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    grad_clip: float | None = None,
+    autocast: Autocast = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step on the batch `x` -> `y` (each (batch, context) token ids) at learning rate `lr`.
+
+    `model(x, y)` returns the mean cross-entropy (a TransformerLM, or its compiled wrapper). Gradients of every
+    parameter the optimizer holds are clipped to global L2 norm `grad_clip` (None: no clipping). Returns the loss
+    and the pre-clip gradient norm as device tensors: reading them (`.item()`) waits for the device, so the
+    caller decides when.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast():
+        loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = None
+    if grad_clip is not None:
+        grad_norm = clip_gradients([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+    return loss, grad_norm
+
+
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, config: Config, device, autocast) -> float:
+def evaluate(
+    model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, config: Config, device, autocast: Autocast
+) -> float:
     """Mean cross-entropy (nats/token) over the fixed validation windows."""
     model.eval()
     total, count = 0.0, 0
     for x, y in validation_batches(val, starts, config.model.context_length, config.data.val_batch_size, device):
-        # Eager even after compile_layers: a no-grad graph would be a second compile (about 7 s cold on
-        # CPU) for a pass that is a few percent of a run.
+        # Eager even after compile_layers: a no-grad graph would be a second compile for a pass that is a few
+        # percent of a run.
         with autocast(), torch.compiler.set_stance("force_eager"):
             loss = model(x, y)
         total += loss.item() * y.numel()
@@ -99,11 +153,7 @@ def evaluate(model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, config
     return total / count
 
 
-def _every(step: int, tokens: int, tokens_per_step: int, steps_interval: int | None, tokens_interval: int | None):
-    """True at the first step at or past each multiple of the interval (tokens win over steps)."""
-    if tokens_interval is not None:
-        return tokens // tokens_interval > (tokens - tokens_per_step) // tokens_interval
-    return steps_interval is not None and step % steps_interval == 0
+# ---- the state a run carries, and where its time goes ----
 
 
 def _rng_states() -> dict[str, Any]:
@@ -120,23 +170,144 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def train(config: Config, reporter: Reporter | None = None, resume_from: str | Path | None = None) -> dict[str, Any]:
-    """Train `config` to its token budget and return a summary dict.
+@dataclass
+class TrainState:
+    """What changes from step to step, and what a training-state checkpoint holds besides the config."""
 
-    `resume_from`: a training-state checkpoint (continues bit for bit: model, optimizer, step, batch
-    sampler and RNG states) or a CS336 checkpoint (weights and optimizer only). With a larger
-    `train.max_tokens` than the checkpoint's run, the schedule is recomputed for the new budget.
-    Divergence (NaN/inf loss, or above `train.divergence_loss`) ends the run without an exception:
-    the summary says `diverged` and the last good checkpoint stays. Raises DataError/ConfigError/
-    CheckpointError for bad inputs before the first step.
+    model: TransformerLM
+    optimizer: AdamW
+    sampler: BatchSampler
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: float = math.inf
+    last_val: float | None = None
+    train_loss: float | None = None
+
+    def snapshot(self, config: Config, kind: str) -> dict[str, Any]:
+        """The training-state checkpoint (lm.checkpoint) of this moment; `kind` is periodic, best or final."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": self.step,
+            Key.tokens_seen.value: self.tokens_seen,
+            "config": config.to_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": _rng_states(),
+            Key.best_val_loss.value: self.best_val,
+            Key.val_loss.value: self.last_val,
+            Key.train_loss.value: self.train_loss,
+            "kind": kind,
+        }
+
+    def restore(self, saved: dict[str, Any], source: str | Path, tokens_per_step: int) -> None:
+        """Continue from `saved`: a training state (bit for bit) or a CS336 checkpoint (weights, optimizer, step).
+
+        Raises CheckpointError naming `source` when the weights or optimizer do not fit this model.
+        """
+        try:
+            load_model_state(self.model, saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{source}: does not fit this model/optimizer config ({first})") from None
+        self.step = int(saved["iteration"])
+        if not is_training_state(saved):
+            self.tokens_seen = self.step * tokens_per_step
+            return
+        self.tokens_seen = int(saved[Key.tokens_seen])
+        self.best_val = float(saved.get(Key.best_val_loss, math.inf))
+        self.last_val = saved.get(Key.val_loss)
+        self.train_loss = saved.get(Key.train_loss)
+        self.sampler.load_state_dict(saved["sampler"])
+        _set_rng_states(saved["rng"])
+
+
+@dataclass
+class Timers:
+    """Cumulative seconds per phase of a run; `train` (inside steps) is the sweep benchmark's utilization numerator."""
+
+    started: float = field(default_factory=time.perf_counter)
+    train: float = 0.0
+    compile: float = 0.0  # with train.compile: the first step, which compiles (not counted as train)
+    eval: float = 0.0
+    checkpoint: float = 0.0
+    report: float = 0.0
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the time spent inside the block to phase `name` (also when the block raises)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, name, getattr(self, name) + time.perf_counter() - start)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@dataclass
+class TrainSummary:
+    """What `train` returns (fields also readable as `summary["status"]`)."""
+
+    status: str  # "completed" or "diverged"
+    diverged: bool
+    diverged_step: int | None
+    steps: int
+    tokens_seen: int
+    final_val_loss: float | None
+    best_val_loss: float | None
+    entropy_floor: float | None  # nats/token: the exact source entropy of the built-in corpus, else None
+    elapsed_s: float
+    train_time_s: float
+    compile_time_s: float
+    eval_time_s: float
+    checkpoint_time_s: float
+    report_time_s: float
+    tokens_per_s: float  # training tokens of this run (or resume) per second inside steps
+    out_dir: str
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+@dataclass
+class Run:
+    """One run, as `setup` prepared it: the pieces of the loop take this."""
+
+    config: Config
+    state: TrainState
+    device: torch.device
+    autocast: Autocast
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    val_starts: np.ndarray
+    entropy_floor: float | None
+    logger: RunLogger
+    ckpt_dir: Path
+    reporter: Reporter | None
+    resumed_at_tokens: int | None  # tokens_seen of the checkpoint this run resumed from
+    timers: Timers = field(default_factory=Timers)
+
+    @property
+    def ceiling(self) -> float:
+        """A loss above this (or NaN/inf) means the run diverged."""
+        return self.config.train.divergence_loss if self.config.train.divergence_loss is not None else math.inf
+
+
+# ---- the run: setup, loop, finish ----
+
+
+def setup(config: Config, reporter: Reporter | None = None, resume_from: str | Path | None = None) -> Run:
+    """Check the inputs, then build model, optimizer and sampler (restored from `resume_from` if given).
+
+    Raises DataError/ConfigError/CheckpointError for bad inputs before any model is built.
     """
     t = config.train
-    out_dir = Path(t.out_dir)
-    ckpt_dir = Path(t.checkpoint_dir) if t.checkpoint_dir is not None else out_dir / "checkpoints"
     device = resolve_device(t.device)
     amp_dtype = resolve_precision(t.precision, device)
     train_tokens, val_tokens, meta = open_data(config)
-    resume_state = read_checkpoint(resume_from) if resume_from is not None else None
+    saved = read_checkpoint(resume_from) if resume_from is not None else None
 
     if t.num_threads is not None:
         torch.set_num_threads(t.num_threads)
@@ -149,295 +320,274 @@ def train(config: Config, reporter: Reporter | None = None, resume_from: str | P
     o = config.optimizer
     optimizer = AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     sampler = BatchSampler(train_tokens, config.data.batch_size, config.model.context_length, seed=t.seed)
-    step, tokens_seen, best_val, last_val = 0, 0, math.inf, None
-    if resume_state is not None:
-        try:
-            load_model_state(model, resume_state["model"])
-            optimizer.load_state_dict(resume_state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0]
-            raise CheckpointError(f"{resume_from}: does not fit this model/optimizer config ({first})") from None
-        step = int(resume_state["iteration"])
-        if is_training_state(resume_state):
-            tokens_seen = int(resume_state["tokens_seen"])
-            best_val = float(resume_state.get("best_val_loss", math.inf))
-            last_val = resume_state.get("val_loss")
-            sampler.load_state_dict(resume_state["sampler"])
-            _set_rng_states(resume_state["rng"])
-        else:
-            tokens_seen = step * config.tokens_per_step
-
+    state = TrainState(model, optimizer, sampler)
+    if saved is not None:
+        state.restore(saved, resume_from, config.tokens_per_step)
     if t.compile:
-        compile_layers(model)  # compiles on the first step; timed below as compile_time_s
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
-    )
-    val_starts = validation_starts(len(val_tokens), config.data.val_windows, config.model.context_length)
-    total_steps, tps = config.total_steps, config.tokens_per_step
-    eval_every_steps = t.eval_interval if t.eval_interval_tokens is None else None
-    floor = meta.get("entropy_floor_nats")  # the built-in corpus knows its exact source entropy
+        compile_layers(model)  # compiles on the first step, timed as compile_time_s
 
-    logger = RunLogger(out_dir, total_steps, t.progress, t.tensorboard)
+    out_dir = Path(t.out_dir)
+    logger = RunLogger(out_dir, config.total_steps, t.progress, t.tensorboard)
     logger.info(
         f"model {count_parameters(model):,} parameters ({count_parameters(model, False):,} non-embedding) | "
-        f"device {device.type}{' bf16 autocast' if amp_dtype else ' fp32'} | {total_steps} steps of {tps:,} "
-        f"tokens | data {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
-        + (f" | resumed at step {step}" if resume_state is not None else "")
+        f"device {device.type}{' bf16 autocast' if amp_dtype else ' fp32'} | {config.total_steps} steps of "
+        f"{config.tokens_per_step:,} tokens | data {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
+        + (f" | resumed at step {state.step}" if saved is not None else "")
     )
     if device.type == "cpu" and amp_dtype == torch.bfloat16:
         logger.info("warning: bf16 on a CPU without bf16 units is many times slower than fp32")
+    return Run(
+        config=config,
+        state=state,
+        device=device,
+        autocast=autocast_for(device, amp_dtype),
+        train_tokens=train_tokens,
+        val_tokens=val_tokens,
+        val_starts=validation_starts(len(val_tokens), config.data.val_windows, config.model.context_length),
+        entropy_floor=meta.get("entropy_floor_nats"),  # the built-in corpus knows its exact source entropy
+        logger=logger,
+        ckpt_dir=Path(t.checkpoint_dir) if t.checkpoint_dir is not None else out_dir / "checkpoints",
+        reporter=reporter,
+        resumed_at_tokens=state.tokens_seen if saved is not None else None,
+    )
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    diverged_at: int | None = None
-    train_loss: float | None = None
-    train_time = 0.0  # seconds inside training steps (the sweep benchmark's utilization numerator)
-    eval_time = ckpt_time = report_time = 0.0  # where the rest goes (cumulative, reported with each eval)
-    compile_time = 0.0  # with train.compile: the first step here, which compiles (not counted as train_time)
-    window_start, window_tokens = time.perf_counter(), 0
-    started = time.perf_counter()
-    ceiling = t.divergence_loss if t.divergence_loss is not None else math.inf
 
-    def state(kind: str) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "iteration": step,
-            "tokens_seen": tokens_seen,
-            "config": config.to_dict(),
-            "sampler": sampler.state_dict(),
-            "rng": _rng_states(),
-            "best_val_loss": best_val,
-            "val_loss": last_val,
-            "train_loss": train_loss,
-            "kind": kind,
-        }
+def train(config: Config, reporter: Reporter | None = None, resume_from: str | Path | None = None) -> TrainSummary:
+    """Train `config` to its token budget and return a summary.
 
-    def write_periodic() -> Path:
-        path = save_training_state(state("periodic"), ckpt_dir / f"step_{step:07d}.pt")
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[: -t.keep_checkpoints]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def checkpoint_due() -> bool:
-        return t.checkpoint_interval_tokens is not None and _every(
-            step, tokens_seen, tps, None, t.checkpoint_interval_tokens
-        )
-
-    def evaluate_and_report(train_loss: float | None, lr: float) -> bool:
-        """Evaluate on the fixed windows, log, checkpoint, hand both to the reporter. True if diverged."""
-        nonlocal last_val, best_val, eval_time, ckpt_time, report_time, diverged_at
-        eval_start = time.perf_counter()
-        val_loss = evaluate(model, val_tokens, val_starts, config, device, autocast)
-        eval_time += time.perf_counter() - eval_start
-        if not math.isfinite(val_loss) or val_loss > ceiling:
-            diverged_at = step
-            logger.info(f"diverged at step {step}: val loss {val_loss}")
-            return True
-        last_val = val_loss
-        improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
-        metrics = {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_perplexity": math.exp(min(val_loss, 700.0)),
-            "best_val_loss": best_val,
-            "lr": lr,
-            "elapsed_s": time.perf_counter() - started,
-            "train_time_s": train_time,
-            "compile_time_s": compile_time,
-            "eval_time_s": eval_time,
-            "checkpoint_time_s": ckpt_time,
-            "report_time_s": report_time,  # up to the previous report
-            "final_eval": step == total_steps,  # lets a sweep tell "ran to the end" from "stopped"
-        }
-        logger.record("eval", metrics)  # files first: a trial stopped by its scheduler ends in the reporter
-        ckpt_start = time.perf_counter()
-        if improved and t.save_best_and_final:
-            save_training_state(state("best"), ckpt_dir / "best.pt")
-        ckpt = write_periodic() if t.checkpoint_interval_tokens is None or checkpoint_due() else None
-        report_start = time.perf_counter()
-        ckpt_time += report_start - ckpt_start
-        if reporter is not None:
-            reporter(metrics, ckpt)
-        report_time += time.perf_counter() - report_start
-        return False
-
+    `resume_from`: a training-state checkpoint (continues bit for bit: model, optimizer, step, batch
+    sampler and RNG states) or a CS336 checkpoint (weights and optimizer only). With a larger
+    `train.max_tokens` than the checkpoint's run, the schedule is recomputed for the new budget.
+    Divergence (NaN/inf loss, or above `train.divergence_loss`) ends the run without an exception:
+    the summary says `diverged` and the last good checkpoint stays. Raises DataError/ConfigError/
+    CheckpointError for bad inputs before the first step.
+    """
+    run = setup(config, reporter, resume_from)
     try:
-        if resume_state is not None and step >= total_steps:
-            # Resumed at the very end (e.g. a sweep restored a trial whose completion it had not recorded):
-            # evaluate and report again, so the caller sees the final result instead of nothing.
-            evaluate_and_report(resume_state.get("train_loss"), config.lr_at(max(step - 1, 0)))
-        while step < total_steps:
-            step_start = time.perf_counter()
-            x, y = sampler.next(device)
-            lr = config.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast():
-                loss = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(params, o.grad_clip) if o.grad_clip is not None else None
-            optimizer.step()
-            step += 1
-            tokens_seen += tps
-            window_tokens += tps
-            if t.compile and compile_time == 0.0:
-                compile_time = time.perf_counter() - step_start
-                logger.info(f"compiled in {compile_time:.1f} s (first step)")
-                window_start, window_tokens = time.perf_counter(), 0
-            else:
-                train_time += time.perf_counter() - step_start
-
-            do_log = step % t.log_interval == 0 or step == total_steps
-            do_eval = step == total_steps or _every(step, tokens_seen, tps, eval_every_steps, t.eval_interval_tokens)
-            if do_log or do_eval:
-                # .item() syncs with the device: only at log/eval steps, never every step.
-                train_loss = loss.item()
-                if not math.isfinite(train_loss) or train_loss > ceiling:
-                    diverged_at = step
-                    logger.info(f"diverged at step {step}: train loss {train_loss}")
-                    break
-            if do_log:
-                now = time.perf_counter()
-                logger.record(
-                    "train",
-                    {
-                        "step": step,
-                        "tokens_seen": tokens_seen,
-                        "train_loss": train_loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm.item() if grad_norm is not None else None,
-                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                        "elapsed_s": now - started,
-                    },
-                )
-                window_start, window_tokens = now, 0
-            if do_eval:
-                if evaluate_and_report(train_loss, lr):
-                    break
-                window_start = time.perf_counter()  # eval and checkpoint time is not training throughput
-            elif checkpoint_due():
-                write_periodic()
-
-        elapsed = time.perf_counter() - started
-        if diverged_at is None and step == total_steps and t.save_best_and_final:
-            save_training_state(state("final"), ckpt_dir / "final.pt")
-        summary = {
-            "status": "diverged" if diverged_at is not None else "completed",
-            "diverged": diverged_at is not None,
-            "diverged_step": diverged_at,
-            "steps": step,
-            "tokens_seen": tokens_seen,
-            "final_val_loss": last_val,
-            "best_val_loss": best_val if math.isfinite(best_val) else None,
-            "entropy_floor": floor,
-            "elapsed_s": elapsed,
-            "train_time_s": train_time,
-            "compile_time_s": compile_time,
-            "eval_time_s": eval_time,
-            "checkpoint_time_s": ckpt_time,
-            "report_time_s": report_time,
-            "tokens_per_s": (tokens_seen - (resume_state or {}).get("tokens_seen", 0) - (tps if compile_time else 0))
-            / max(train_time, 1e-9),
-            "out_dir": str(out_dir),
-        }
-        if diverged_at is not None and reporter is not None:
-            penalty = t.divergence_loss if t.divergence_loss is not None else 1e4
-            # Reported as the ceiling (>= every loss a healthy run can report), so schedulers rank it last.
-            reporter(
-                {
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "val_loss": float(penalty),
-                    "diverged": True,
-                    "diverged_step": diverged_at,
-                    "best_val_loss": summary["best_val_loss"],
-                },
-                None,
-            )
-        logger.info(_summary_line(summary))
-        return summary
+        return finish(run, run_loop(run))
     finally:
-        logger.close()
+        run.logger.close()
 
 
-def _summary_line(summary: dict[str, Any]) -> str:
-    if summary["diverged"]:
-        return f"DIVERGED at step {summary['diverged_step']}; last good checkpoint kept in {summary['out_dir']}"
-    line = f"done: {summary['steps']} steps, {summary['tokens_seen']:,} tokens"
-    if summary["final_val_loss"] is not None:
-        line += f" | val loss {summary['final_val_loss']:.4f} (best {summary['best_val_loss']:.4f})"
-    if summary["entropy_floor"] is not None and summary["final_val_loss"] is not None:
-        gap = summary["final_val_loss"] - summary["entropy_floor"]
-        line += f" | entropy floor {summary['entropy_floor']:.4f} nats/token (gap {gap:.4f})"
-    return line + f" | {summary['tokens_per_s']:,.0f} tokens/s | {summary['elapsed_s']:.1f} s"
-
-
-def config_from_cli(args: list[str]) -> tuple[Config, str | None]:
-    """Parse `--config FILE`, `--resume-from CKPT` and dotted overrides into a validated Config.
-
-    Without --config, a resumed run takes the config saved in its checkpoint; otherwise the defaults.
-    """
-    config_path, resume_from, rest = None, None, []
-    i = 0
-    while i < len(args):
-        key, eq, value = args[i].partition("=")
-        if key in ("--config", "--resume-from"):
-            if not eq:
-                if i + 1 >= len(args):
-                    raise ConfigError(f"command line: {key} needs a value")
-                value, i = args[i + 1], i + 1
-            if key == "--config":
-                config_path = value
-            else:
-                resume_from = value
+def run_loop(run: Run) -> int | None:
+    """Train until the budget is spent or the run diverges; returns the step it diverged at, or None."""
+    s, config, t = run.state, run.config, run.config.train
+    total, tps = config.total_steps, config.tokens_per_step
+    if run.resumed_at_tokens is not None and s.step >= total:
+        # Resumed at the very end (e.g. a sweep restored a trial whose completion it had not recorded):
+        # evaluate and report again, so the caller sees the final result instead of nothing.
+        if evaluate_and_report(run, config.lr_at(max(s.step - 1, 0))):
+            return s.step
+    window_start, window_tokens = time.perf_counter(), 0  # tokens/s between log lines
+    while s.step < total:
+        step_start = time.perf_counter()
+        lr = config.lr_at(s.step)
+        x, y = s.sampler.next(run.device)
+        loss, grad_norm = train_step(s.model, s.optimizer, x, y, lr, config.optimizer.grad_clip, run.autocast)
+        s.step += 1
+        s.tokens_seen += tps
+        window_tokens += tps
+        if t.compile and run.timers.compile == 0.0:
+            run.timers.compile = time.perf_counter() - step_start
+            run.logger.info(f"compiled in {run.timers.compile:.1f} s (first step)")
+            window_start, window_tokens = time.perf_counter(), 0
         else:
-            rest.append(args[i])
-        i += 1
-    overrides = parse_override_args(rest)
-    if config_path is not None:
-        return Config.from_file(config_path, overrides), resume_from
-    if resume_from is not None:
-        saved = read_checkpoint(resume_from).get("config")
+            run.timers.train += time.perf_counter() - step_start
+
+        do_log = s.step % t.log_interval == 0 or s.step == total
+        do_eval = s.step == total or _due(s, tps, t.eval_interval, t.eval_interval_tokens)
+        if do_log or do_eval:
+            s.train_loss = loss.item()  # syncs with the device: only at log/eval steps, never every step
+            if _diverged(run, s.train_loss, "train"):
+                return s.step
+        if do_log:
+            now = time.perf_counter()
+            run.logger.record(
+                "train",
+                Record(
+                    step=s.step,
+                    tokens_seen=s.tokens_seen,
+                    train_loss=s.train_loss,
+                    lr=lr,
+                    grad_norm=grad_norm.item() if grad_norm is not None else None,
+                    tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                    elapsed_s=run.timers.elapsed(),
+                ),
+            )
+            window_start, window_tokens = now, 0
+        if do_eval:
+            if evaluate_and_report(run, lr):
+                return s.step
+            window_start = time.perf_counter()  # eval and checkpoint time is not training throughput
+        elif _checkpoint_due(run):
+            _write_periodic(run)
+    return None
+
+
+def _due(s: TrainState, tokens_per_step: int, steps_interval: int | None, tokens_interval: int | None) -> bool:
+    """True at the first step at or past each multiple of the interval (tokens win over steps)."""
+    if tokens_interval is not None:
+        return s.tokens_seen // tokens_interval > (s.tokens_seen - tokens_per_step) // tokens_interval
+    return steps_interval is not None and s.step % steps_interval == 0
+
+
+def _checkpoint_due(run: Run) -> bool:
+    every = run.config.train.checkpoint_interval_tokens
+    return every is not None and _due(run.state, run.config.tokens_per_step, None, every)
+
+
+def _diverged(run: Run, loss: float, what: str) -> bool:
+    """True (and logged) when `loss` is NaN/inf or above the divergence ceiling."""
+    if math.isfinite(loss) and loss <= run.ceiling:
+        return False
+    run.logger.info(f"diverged at step {run.state.step}: {what} loss {loss}")
+    return True
+
+
+def _write_periodic(run: Run) -> Path:
+    """A step_*.pt training state; keeps the newest train.keep_checkpoints of them."""
+    path = save_training_state(
+        run.state.snapshot(run.config, "periodic"), run.ckpt_dir / f"step_{run.state.step:07d}.pt"
+    )
+    for old in sorted(run.ckpt_dir.glob("step_*.pt"))[: -run.config.train.keep_checkpoints]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def evaluate_and_report(run: Run, lr: float) -> bool:
+    """Evaluate on the fixed windows, log, checkpoint, hand both to the reporter. True if the run diverged."""
+    s, t, timers = run.state, run.config.train, run.timers
+    with timers.phase("eval"):
+        val_loss = evaluate(s.model, run.val_tokens, run.val_starts, run.config, run.device, run.autocast)
+    if _diverged(run, val_loss, "val"):
+        return True
+    improved = val_loss < s.best_val
+    s.last_val, s.best_val = val_loss, min(s.best_val, val_loss)
+    record = Record(
+        step=s.step,
+        tokens_seen=s.tokens_seen,
+        train_loss=s.train_loss,
+        val_loss=val_loss,
+        val_perplexity=math.exp(min(val_loss, 700.0)),
+        best_val_loss=s.best_val,
+        lr=lr,
+        elapsed_s=timers.elapsed(),
+        train_time_s=timers.train,
+        compile_time_s=timers.compile,
+        eval_time_s=timers.eval,
+        checkpoint_time_s=timers.checkpoint,
+        report_time_s=timers.report,  # up to the previous report
+        final_eval=s.step == run.config.total_steps,
+    )
+    run.logger.record("eval", record)  # files first: a trial stopped by its scheduler ends in the reporter
+    with timers.phase("checkpoint"):
+        if improved and t.save_best_and_final:
+            save_training_state(s.snapshot(run.config, "best"), run.ckpt_dir / "best.pt")
+        due = t.checkpoint_interval_tokens is None or _checkpoint_due(run)
+        ckpt = _write_periodic(run) if due else None
+    with timers.phase("report"):
+        if run.reporter is not None:
+            run.reporter(record.to_dict(), ckpt)
+    return False
+
+
+def finish(run: Run, diverged_at: int | None) -> TrainSummary:
+    """Write final.pt (a completed run), report a divergence, log and return the summary."""
+    s, t, timers = run.state, run.config.train, run.timers
+    if diverged_at is None and s.step == run.config.total_steps and t.save_best_and_final:
+        save_training_state(s.snapshot(run.config, "final"), run.ckpt_dir / "final.pt")
+    compiled_tokens = run.config.tokens_per_step if timers.compile else 0  # the compiling step is not timed
+    summary = TrainSummary(
+        status="diverged" if diverged_at is not None else "completed",
+        diverged=diverged_at is not None,
+        diverged_step=diverged_at,
+        steps=s.step,
+        tokens_seen=s.tokens_seen,
+        final_val_loss=s.last_val,
+        best_val_loss=s.best_val if math.isfinite(s.best_val) else None,
+        entropy_floor=run.entropy_floor,
+        elapsed_s=timers.elapsed(),
+        train_time_s=timers.train,
+        compile_time_s=timers.compile,
+        eval_time_s=timers.eval,
+        checkpoint_time_s=timers.checkpoint,
+        report_time_s=timers.report,
+        tokens_per_s=(s.tokens_seen - (run.resumed_at_tokens or 0) - compiled_tokens) / max(timers.train, 1e-9),
+        out_dir=str(t.out_dir),
+    )
+    if diverged_at is not None and run.reporter is not None:
+        # Reported as the ceiling (>= every loss a healthy run can report), so schedulers rank it last.
+        penalty = t.divergence_loss if t.divergence_loss is not None else 1e4
+        record = Record(
+            step=s.step,
+            tokens_seen=s.tokens_seen,
+            val_loss=float(penalty),
+            diverged=True,
+            diverged_step=diverged_at,
+            best_val_loss=summary.best_val_loss,
+        )
+        run.reporter(record.to_dict(), None)
+    run.logger.info(_summary_line(summary))
+    return summary
+
+
+def _summary_line(summary: TrainSummary) -> str:
+    if summary.diverged:
+        return f"DIVERGED at step {summary.diverged_step}; last good checkpoint kept in {summary.out_dir}"
+    line = f"done: {summary.steps} steps, {summary.tokens_seen:,} tokens"
+    if summary.final_val_loss is not None:
+        line += f" | val loss {summary.final_val_loss:.4f} (best {summary.best_val_loss:.4f})"
+    if summary.entropy_floor is not None and summary.final_val_loss is not None:
+        gap = summary.final_val_loss - summary.entropy_floor
+        line += f" | entropy floor {summary.entropy_floor:.4f} nats/token (gap {gap:.4f})"
+    return line + f" | {summary.tokens_per_s:,.0f} tokens/s | {summary.elapsed_s:.1f} s"
+
+
+def build_parser() -> cli.ArgumentParser:
+    """`python -m lm.train` / `lm-train`: options, then every config field (`--section.field VALUE`)."""
+    from lm.config import config_help
+
+    p = cli.ArgumentParser(
+        prog="python -m lm.train",
+        description="Train one model. Any config field can be set with --section.field VALUE (listed below).",
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        overrides=True,
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON config: a path, or a shipped one (tiny.yaml, ...)")
+    p.add_argument("--resume-from", metavar="CKPT", help="training-state checkpoint to continue from")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
+
+
+def config_from_cli(args: argparse.Namespace) -> Config:
+    """The validated Config that parsed `lm.train` arguments describe: `--config` (else, when resuming, the
+    checkpoint's saved config, else the defaults) with the dotted overrides on top."""
+    if args.config is not None:
+        return Config.from_file(cli.find_config(args.config), args.overrides)
+    if args.resume_from is not None:
+        saved = read_checkpoint(args.resume_from).get("config")
         if saved is not None:
-            return Config.from_dict(saved, source=str(resume_from)).replace(overrides, "command line"), resume_from
-    return Config().replace(overrides, "command line"), resume_from
+            return Config.from_dict(saved, source=str(args.resume_from)).replace(args.overrides, "command line")
+    return Config().replace(args.overrides, "command line")
 
 
-USAGE = """usage: python -m lm.train [--config FILE.yaml|.json] [--resume-from CKPT] [--section.field VALUE ...]
-  sections: model, optimizer, data, train (see lm/config.py); e.g. --optimizer.lr 3e-4 --train.max_tokens 2e6"""
+def train_exit_code(config: Config, resume_from: str | Path | None = None) -> int:
+    """Train, and return the training CLIs' exit code: 1 if the run diverged, else 0."""
+    return 1 if train(config, resume_from=resume_from)["diverged"] else 0
 
 
-def run_cli(body: Callable[[], dict[str, Any]], debug: bool = False) -> int:
-    """The training CLIs' exit-code contract around `body` (which returns a `train` summary).
-
-    Bad input (ConfigError, DataError, CheckpointError) -> one line `error: ...` on stderr and 2, with the
-    traceback only when `debug`; a diverged run -> 1; otherwise 0.
-    """
-    try:
-        summary = body()
-    except (ConfigError, DataError, CheckpointError) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 1 if summary["diverged"] else 0
+def _command(args: argparse.Namespace) -> int:
+    config = config_from_cli(args)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    return train_exit_code(config, args.resume_from)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
-        return 0
-
-    def body() -> dict[str, Any]:
-        config, resume_from = config_from_cli([a for a in argv if a != "--debug"])
-        return train(config, resume_from=resume_from)
-
-    return run_cli(body, debug="--debug" in argv)
+    """`lm-train`: exit 0 when trained, 1 when the run diverged, 2 on bad input (one `error:` line)."""
+    return cli.run(_command, build_parser(), argv)
 
 
 if __name__ == "__main__":

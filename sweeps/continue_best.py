@@ -10,47 +10,54 @@ trains on with its config plus any dotted overrides. The schedule is recomputed 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+from lm import cli
 from lm.checkpoint import CheckpointError
-from lm.config import Config, ConfigError, parse_override_args
-from lm.train import run_cli, train
+from lm.config import Config
+from lm.train import train_exit_code
+from sweeps.layout import BEST_DIR
+
+# A trial's run settings (its device share, threads, Ray-managed checkpoints) do not carry over.
+RUN_SETTINGS = {
+    "train.progress": "auto",
+    "train.device": "auto",
+    "train.num_threads": None,
+    "train.keep_checkpoints": 2,
+    "train.save_best_and_final": True,
+    "train.checkpoint_dir": None,
+}
+
+
+def build_parser() -> cli.ArgumentParser:
+    ap = cli.ArgumentParser(
+        prog="python sweeps/continue_best.py",
+        description=__doc__.split("\n")[0] + " Any config field can be set with --section.field VALUE.",
+        overrides=True,
+    )
+    ap.add_argument("sweep_dir", help="the sweep's experiment directory (STORAGE/NAME)")
+    return ap
+
+
+def _command(args: argparse.Namespace) -> int:
+    from sweeps.results import load_sweep
+
+    sweep_dir = Path(args.sweep_dir)
+    sweep = load_sweep(sweep_dir)
+    checkpoint = sweep.best_checkpoint
+    if checkpoint is None:
+        raise CheckpointError(f"{sweep_dir}: no trial of this sweep left a checkpoint")
+    overrides = {"train.out_dir": str(sweep_dir / BEST_DIR / "continued"), **RUN_SETTINGS, **args.overrides}
+    config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(overrides, "command line")
+    print(f"continuing trial {sweep.best_trial_id} from {checkpoint} to {config.train.max_tokens:,} tokens")
+    return train_exit_code(config, resume_from=checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    sweep_dir, rest = Path(argv[0]), [a for a in argv[1:] if a != "--debug"]
-
-    def body() -> dict:
-        overrides = parse_override_args(rest)
-        from sweeps.results import load_sweep
-
-        if not (sweep_dir / "sweep_meta.json").is_file():
-            raise ConfigError(f"{sweep_dir}: not a sweep directory (no sweep_meta.json)")
-        sweep = load_sweep(sweep_dir)
-        checkpoint = sweep.best_checkpoint
-        if checkpoint is None:
-            raise CheckpointError(f"{sweep_dir}: no trial of this sweep left a checkpoint")
-        # A trial's run settings (its device share, threads, Ray-managed checkpoints) do not carry over.
-        for key, value in {
-            "train.out_dir": str(sweep_dir / "best" / "continued"),
-            "train.progress": "auto",
-            "train.device": "auto",
-            "train.num_threads": None,
-            "train.keep_checkpoints": 2,
-            "train.save_best_and_final": True,
-            "train.checkpoint_dir": None,
-        }.items():
-            overrides.setdefault(key, value)
-        config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(overrides, "command line")
-        print(f"continuing trial {sweep.best_trial_id} from {checkpoint} to {config.train.max_tokens:,} tokens")
-        return train(config, resume_from=checkpoint)
-
-    return run_cli(body, debug="--debug" in argv)
+    """`lm-sweep-continue`: exit 0 when trained, 1 when the run diverged, 2 on bad input (one `error:` line)."""
+    return cli.run(_command, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,32 @@ import argparse
 import sys
 from pathlib import Path
 
+from lm import cli
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+
+def build_parser() -> cli.ArgumentParser:
+    ap = cli.ArgumentParser(prog="python sweeps/inspect_sweep.py", description=__doc__.split("\n")[0])
     ap.add_argument("path", help="the sweep's experiment directory (STORAGE/NAME)")
     ap.add_argument("--top", type=int, default=20, help="rows of the table")
     ap.add_argument("--no-write", action="store_true", help="only print, do not rewrite the files")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return ap
+
+
+def _command(args: argparse.Namespace) -> int:
     from sweeps.results import load_sweep, print_table, write_results
 
     path = Path(args.path)
-    if not (path / "sweep_meta.json").is_file():
-        print(f"error: {path}: not a sweep directory (no sweep_meta.json)", file=sys.stderr)
-        return 2
     sweep = load_sweep(path)
     print_table(sweep, top=args.top)
     if not args.no_write:
         write_results(sweep, path)
         print(f"rebuilt {path}/summary.md, results.csv, results.parquet, history.parquet, plots/, best/")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lm-sweep-inspect`: exit 0, or 2 with one `error:` line when PATH is not a sweep directory."""
+    return cli.run(_command, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from lm.config import Config
 from lm.model import TransformerLM
 from lm.optim import AdamW
 from lm.stories import default_cache_root
+from lm.train import train_step
 
 PROBE_TOKENS = 2048  # tokens per probe step: the per-token cost barely depends on batch, the probe's time does
 PROBE_SECONDS = 1.0  # per split and round, after one warm-up step per copy
@@ -63,7 +64,7 @@ def _throughput(config: Config, threads: int, copies: int, batch: int) -> float:
     setups = []
     for _ in range(copies):
         model = TransformerLM.from_config(config.model)
-        optimizer = AdamW(model.parameters(), lr=1e-4)
+        optimizer = AdamW(model.parameters())
         x = torch.randint(0, config.model.vocab_size, (batch, ctx), generator=gen)
         setups.append((model, optimizer, x))
     counts = [0] * copies
@@ -73,15 +74,11 @@ def _throughput(config: Config, threads: int, copies: int, batch: int) -> float:
     def loop(i: int) -> None:
         model, optimizer, x = setups[i]
 
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            model(x, x).backward()
-            optimizer.step()
-
-        step()  # warm-up, then every copy starts timing together
+        grad_clip = config.optimizer.grad_clip
+        train_step(model, optimizer, x, x, 1e-4, grad_clip)  # warm-up, then every copy starts timing together
         start.wait()
         while not stop.is_set():
-            step()
+            train_step(model, optimizer, x, x, 1e-4, grad_clip)
             counts[i] += 1
 
     workers = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(copies)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,8 +12,8 @@ matplotlib.use("Agg")  # files only: sweeps run on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-if TYPE_CHECKING:
-    from sweeps.results import Sweep
+from lm.record import Key  # noqa: E402
+from sweeps.sweep import Sweep  # noqa: E402
 
 LR = "optimizer.lr"
 
@@ -29,7 +28,7 @@ def make_plots(sweep: Sweep, out_dir: Path) -> list[Path]:
     written = [_curves(sweep, colour_key, out_dir / "val_loss_vs_tokens.png")] if not hist.empty else []
     x_key = colour_key
     if x_key is not None and df[x_key].notna().any() and _numeric(df[x_key]):
-        written.append(_best_vs_param(sweep, x_key, out_dir / f"best_val_loss_vs_{x_key.split('.')[-1]}.png"))
+        written.append(_best_vs_param(sweep, x_key, out_dir / f"{sweep.best_column}_vs_{x_key.split('.')[-1]}.png"))
     if len([k for k in sweep.swept if _numeric(df[k])]) > 1:
         written.append(_parallel(sweep, out_dir / "parallel_coordinates.png"))
     written.append(_best_so_far(sweep, out_dir / "best_so_far.png"))
@@ -59,20 +58,19 @@ def _curves(sweep: Sweep, key, path: Path) -> Path:
     df, hist = sweep.dataframe, sweep.history
     colour, mappable = _colour_map(df, key)
     fig, ax = plt.subplots(figsize=(8, 5))
-    evals = hist[hist["val_loss"].notna()] if "val_loss" in hist else hist.iloc[0:0]
+    evals = hist[hist[Key.val_loss].notna()] if Key.val_loss in hist else hist.iloc[0:0]
     for row in df.itertuples():
-        h = evals[(evals["trial_id"] == row.trial_id) & (evals.get("diverged", False) != True)]  # noqa: E712
+        h = evals[(evals["trial_id"] == row.trial_id) & (evals.get(Key.diverged, False) != True)]  # noqa: E712
         if h.empty:
             continue
         c = colour(df.loc[df["trial_id"] == row.trial_id, key].iloc[0]) if key else None
-        ax.plot(h["tokens_seen"], h["val_loss"], color=c, alpha=0.85, lw=1.4)
+        tokens, loss = h[Key.tokens_seen], h[Key.val_loss]
+        ax.plot(tokens, loss, color=c, alpha=0.85, lw=1.4)
         if row.status == "diverged":
-            ax.plot(h["tokens_seen"].iloc[-1], h["val_loss"].iloc[-1], "x", color="red", ms=9, mew=2)
+            ax.plot(tokens.iloc[-1], loss.iloc[-1], "x", color="red", ms=9, mew=2)
         elif row.status == "stopped_early":
-            ax.plot(h["tokens_seen"].iloc[-1], h["val_loss"].iloc[-1], "o", color=c, ms=4)
-    from sweeps.results import _entropy_floor
-
-    floor = _entropy_floor(sweep)
+            ax.plot(tokens.iloc[-1], loss.iloc[-1], "o", color=c, ms=4)
+    floor = sweep.entropy_floor
     if floor:
         ax.axhline(floor, ls="--", color="gray", lw=1)
         ax.annotate(
@@ -102,21 +100,22 @@ def _best_vs_param(sweep: Sweep, key: str, path: Path) -> Path:
         ("stopped_early", "s", "tab:gray"),
         ("diverged", "x", "red"),
     ):
-        part = df[(df["status"] == status) & df["best_val_loss"].notna()]
+        part = df[(df["status"] == status) & df[sweep.best_column].notna()]
         if not part.empty:
-            ax.scatter(part[key], part["best_val_loss"], marker=marker, color=colour, label=status.replace("_", " "))
+            label = status.replace("_", " ")
+            ax.scatter(part[key], part[sweep.best_column], marker=marker, color=colour, label=label)
     if _log_scale(df[key]):
         ax.set_xscale("log")
     ax.set_xlabel(key)
-    ax.set_ylabel("best validation loss")
+    ax.set_ylabel(f"best {sweep.metric}")
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
 def _parallel(sweep: Sweep, path: Path) -> Path:
-    df = sweep.dataframe[sweep.dataframe["best_val_loss"].notna()]
-    keys = [k for k in sweep.swept if _numeric(sweep.dataframe[k])] + ["best_val_loss"]
+    df = sweep.dataframe[sweep.dataframe[sweep.best_column].notna()]
+    keys = [k for k in sweep.swept if _numeric(sweep.dataframe[k])] + [sweep.best_column]
     fig, ax = plt.subplots(figsize=(2 + 1.8 * len(keys), 4.5))
     scaled = {}
     for k in keys:
@@ -125,7 +124,7 @@ def _parallel(sweep: Sweep, path: Path) -> Path:
             v = np.log10(v)
         lo, hi = np.nanmin(v), np.nanmax(v)
         scaled[k] = (v - lo) / (hi - lo) if hi > lo else np.full_like(v, 0.5)
-    loss = df["best_val_loss"].to_numpy(float)
+    loss = df[sweep.best_column].to_numpy(float)
     norm = matplotlib.colors.Normalize(np.nanmin(loss), np.nanmax(loss))
     cmap = plt.get_cmap("viridis_r")
     for i in range(len(df)):
@@ -135,21 +134,21 @@ def _parallel(sweep: Sweep, path: Path) -> Path:
     for i, k in enumerate(keys):
         ax.annotate(f"{df[k].min():.3g}", (i, 0), textcoords="offset points", xytext=(3, -12), fontsize=8)
         ax.annotate(f"{df[k].max():.3g}", (i, 1), textcoords="offset points", xytext=(3, 4), fontsize=8)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="best validation loss")
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"best {sweep.metric}")
     ax.set_title("Parallel coordinates (log axes where a range spans > 20x)")
     return _save(fig, path)
 
 
 def _best_so_far(sweep: Sweep, path: Path) -> Path:
     df = sweep.dataframe.sort_values("trial_number")
-    loss = df["best_val_loss"].to_numpy(float)
+    loss = df[sweep.best_column].to_numpy(float)
     filled = np.where(np.isnan(loss), np.inf, loss)
     best = np.minimum.accumulate(filled) if sweep.mode == "min" else np.maximum.accumulate(-filled) * -1
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(range(1, len(df) + 1), loss, "o", alpha=0.5, label="trial")
     ax.step(range(1, len(df) + 1), np.where(np.isinf(best), np.nan, best), where="post", label="best so far")
     ax.set_xlabel("trial number")
-    ax.set_ylabel("best validation loss")
+    ax.set_ylabel(f"best {sweep.metric}")
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)

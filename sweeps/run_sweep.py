@@ -15,48 +15,64 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-# Set before Ray is imported anywhere: quiet, no usage stats, no warnings about frequent checkpoints.
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0: no tables
+from sweeps import ray_compat
+
+ray_compat.set_env_defaults()  # before Ray is imported anywhere: quiet, no usage stats
 
 import yaml  # noqa: E402
 
-from lm.config import ConfigError  # noqa: E402
-from lm.data import DataError  # noqa: E402
-from sweeps.space import SpaceError, SweepSpec, load_space  # noqa: E402
+from lm import cli  # noqa: E402
+from lm.cli import InputError  # noqa: E402
+from sweeps.cluster import (  # noqa: E402
+    allocator_env,
+    check_storage_shared,
+    cpus_per_trial,
+    gpus_per_trial,
+    start_ray,
+)
+from sweeps.console import make_callback  # noqa: E402
+from sweeps.layout import DEFAULT_STORAGE, META_FILE, SPEC_FILE, STATE_FILE  # noqa: E402
+from sweeps.space import SweepSpec, load_space  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"
+"""The shipped search spaces (package data): `--space lr_sweep.yaml` finds them from any directory."""
 DEFAULT_SPACE = "lr_sweep.yaml"
-SPEC_FILE = "sweep_space.yaml"  # the space as run (after --set), saved in the experiment directory
-META_FILE = "sweep_meta.json"
 
 
-class SweepInputError(ValueError):
+class SweepInputError(InputError):
     """Bad command-line input detected before Ray starts (one-line message)."""
 
 
-def find_space(name: str) -> Path:
-    """A path as given, or a bare file name looked up in the project's search_spaces/."""
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p.resolve()
-    for candidate in (Path.cwd() / "search_spaces" / name, PROJECT_ROOT / "search_spaces" / name):
+def find_space(name: str | Path) -> Path:
+    """The search-space file `name` names: a path, else a shipped space (`lr_sweep.yaml` or
+    `search_spaces/lr_sweep.yaml` -> sweeps/search_spaces/lr_sweep.yaml).
+
+    Returns `name` unchanged when nothing matches, so that load_space's error names what the user wrote.
+    """
+    path = Path(name).expanduser()
+    candidates = [path]
+    if not path.is_absolute() and path.parent in (Path("."), Path("search_spaces")):
+        candidates += [Path.cwd() / "search_spaces" / path.name, SPACE_DIR / path.name]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    return p  # load_space reports it missing, naming the path
+    return path
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (path, or a name in search_spaces/)")
+def build_parser() -> cli.ArgumentParser:
+    ap = cli.ArgumentParser(
+        prog="python sweeps/run_sweep.py",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    ap.add_argument(
+        "--space", default=DEFAULT_SPACE, help="search-space YAML: a path, or a shipped one (lr_sweep.yaml, ...)"
+    )
     ap.add_argument("--name", help="experiment name (default: the space's name)")
     ap.add_argument(
         "--storage-path",
-        default="sweep_results",
+        default=DEFAULT_STORAGE,
         help="local directory or pyarrow URI (s3://bucket/sweeps) for trial results and checkpoints",
     )
     ap.add_argument(
@@ -81,9 +97,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="memory allocator trial workers preload: 'auto' (tcmalloc where installed, local Ray only),\n"
         "'system' (glibc malloc), or a shared-library path",
     )
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("--quiet", action="store_true", help="no per-result lines")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; raises InputError (one line) for a usage error."""
+    return build_parser().parse_args(argv)
 
 
 def storage_root(text: str) -> tuple[str, Path | None]:
@@ -110,7 +130,7 @@ def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
     if args.max_concurrent is not None:
         sets.append(f"search.max_concurrent_trials={args.max_concurrent}")
     storage, local_root = storage_root(args.storage_path)
-    results_root = local_root or (Path.cwd() / "sweep_results").resolve()
+    results_root = local_root or (Path.cwd() / DEFAULT_STORAGE).resolve()
     if args.resume:
         if not args.name:
             raise SweepInputError("--resume needs --name (the sweep to continue)")
@@ -142,123 +162,24 @@ def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
 
 def save_spec(spec: SweepSpec, exp_dir: Path, name: str, command: list[str]) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
-    raw = dict(spec.raw)
-    if spec.base_config_path is not None:
-        raw["base_config"] = str(spec.base_config_path)
-    raw["name"] = name
-    (exp_dir / SPEC_FILE).write_text(yaml.safe_dump(raw, sort_keys=False))
+    space = {**spec.to_dict(), "name": name}  # as run (after --set; base_config absolute): --resume reads it
+    (exp_dir / SPEC_FILE).write_text(yaml.safe_dump(space, sort_keys=False))
+    from lm.train import data_paths
+
+    base = spec.trial_config({})
     meta = {
         "name": name,
-        "metric": spec.metric,
-        "mode": spec.mode,
+        "metric": spec.metric.name,
+        "mode": spec.metric.mode,
         "swept": spec.swept_params,
         "max_tokens": spec.total_tokens,
-        "base_config": spec.trial_config({}).to_dict(),
+        "base_config": base.to_dict(),
+        # Stored so that reading results never needs (or generates) the built-in corpus.
+        "entropy_floor": data_paths(base)[2].get("entropy_floor_nats"),
         "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     (exp_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def allocator_env(allocator: str, local: bool) -> dict[str, str]:
-    """Environment for Ray's worker processes that preloads `allocator`: {} for glibc malloc.
-
-    "auto" picks tcmalloc on Linux when the machine has it (Debian/Ubuntu: libtcmalloc-minimal4) and Ray is local
-    (a cluster's nodes may lack it), unless LD_PRELOAD is already set. Freed tensor memory is reused hot
-    instead of being returned to the OS: 1.08x tokens/s at the tiny config, 1 thread (README, Performance).
-    Raises SweepInputError for a path that does not exist.
-    """
-    if allocator == "system":
-        return {}
-    if allocator == "auto":
-        import ctypes.util
-
-        if not local or os.environ.get("LD_PRELOAD") or not sys.platform.startswith("linux"):
-            return {}  # (LD_PRELOAD is the Linux loader's; macOS would need DYLD_INSERT_LIBRARIES)
-        library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
-        if library is None:
-            return {}
-    else:
-        library = allocator
-        if not Path(library).is_file():
-            raise SweepInputError(f"{library}: --allocator: expected 'auto', 'system' or a shared library file")
-    # tcmalloc reports every allocation over 1 GiB on stderr; a 17M model's batches are not news.
-    return {"LD_PRELOAD": library, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
-
-
-def start_ray(address: str | None, num_cpus: int | None, worker_env: dict[str, str] | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray of `num_cpus` CPUs; Ray's
-    worker processes get the variables in `worker_env` (for example `allocator_env`'s)."""
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    common = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    if worker_env:
-        common["runtime_env"] = {"env_vars": worker_env}
-    if address:
-        try:
-            ray.init(address=address, **common)
-        except Exception as e:  # Ray raises ConnectionError, AuthenticationError, RuntimeError...
-            hint = ""
-            if "auth" in type(e).__name__.lower() or "token" in str(e).lower():
-                hint = (
-                    " (Ray 2.60 clusters use token authentication: set RAY_AUTH_MODE=token and the token, "
-                    "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as on the head node)"
-                )
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SweepInputError(f"--address {address}: cannot connect to the Ray cluster: {first}{hint}") from None
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **common)
-
-
-def check_storage_shared(storage: str, exp_dir: Path) -> None:
-    """On a multi-node cluster a local storage path must be one filesystem seen by every node.
-
-    Writes a marker file and asks a task pinned to each alive node whether it sees it; a node that does
-    not means the path is local to this machine: refuse before any trial starts.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if "://" in storage or len(nodes) < 2:
-        return
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    marker = exp_dir / f".shared-check-{os.getpid()}-{time.time_ns()}"
-    marker.write_text("lm-sweeps")
-
-    @ray.remote(num_cpus=0)
-    def sees(path: str) -> bool:
-        return os.path.exists(path)
-
-    try:
-        checks = {
-            n["NodeID"]: sees.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            ).remote(str(marker))
-            for n in nodes
-        }
-        blind = [node for node, ref in checks.items() if not ray.get(ref, timeout=120)]
-    finally:
-        marker.unlink(missing_ok=True)
-    if blind:
-        raise SweepInputError(
-            f"{storage}: --storage-path is local to this machine: {len(blind)} of {len(nodes)} cluster nodes "
-            f"cannot see it (e.g. node {blind[0][:12]}); use a shared filesystem path or a URI such as "
-            "s3://bucket/sweeps"
-        )
-
-
-def gpus_per_trial(spec: SweepSpec) -> float:
-    import ray
-
-    if spec.gpu != "auto":
-        return float(spec.gpu)
-    visible = ray.cluster_resources().get("GPU", 0)
-    if visible < 1:
-        print("resources_per_trial.gpu: auto -> 0 (no GPU visible to Ray): trials run on CPU", flush=True)
-        return 0.0
-    return 1.0
 
 
 def repair_pruned_checkpoints(exp_path: str) -> list[str]:
@@ -269,33 +190,19 @@ def repair_pruned_checkpoints(exp_path: str) -> list[str]:
     a running trial is gone, and restoring that trial fails ("does not exist on storage anymore"). The
     trial's newest checkpoint is still there, so it is copied to the recorded name: the trial resumes
     from its newest state. Local storage only; reads Ray's state file and changes nothing in it.
-    Returns one line per repaired trial.
+    Returns one line per repaired trial (or one saying why nothing could be checked).
     """
     import shutil
 
-    from ray import cloudpickle
-
-    from sweeps.trainable import STATE_FILE
-
     if "://" in exp_path:
         return []
-    states = sorted(Path(exp_path).glob("experiment_state-*.json"))
-    if not states:
-        return []
-    repaired = []
     try:
-        trial_data = json.loads(states[-1].read_text())["trial_data"]
-    except (OSError, ValueError, KeyError):
-        return []
-    for _, runtime in trial_data:
-        try:
-            meta = json.loads(runtime) if isinstance(runtime, str) else runtime
-            manager = cloudpickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))
-            latest = manager._latest_checkpoint_result
-            recorded = Path(latest.checkpoint.path) if latest is not None else None
-        except Exception:  # another Ray version's layout: leave the restore to Ray
-            continue
-        if recorded is None or recorded.exists() or not recorded.parent.is_dir():
+        recorded_paths = ray_compat.recorded_latest_checkpoints(Path(exp_path))
+    except ray_compat.RayLayoutError as e:
+        return [f"warning: pruned checkpoints not checked, Ray restores the trials as it can: {e}"]
+    repaired = []
+    for recorded in recorded_paths.values():
+        if recorded.exists() or not recorded.parent.is_dir():
             continue
         present = sorted(p for p in recorded.parent.glob("checkpoint_*") if (p / STATE_FILE).is_file())
         if not present:
@@ -312,157 +219,101 @@ def repair_pruned_checkpoints(exp_path: str) -> list[str]:
     return repaired
 
 
-def cpus_per_trial(spec: SweepSpec, gpu: float, num_cpus: int | None) -> float:
-    """resources_per_trial.cpu, with "auto" resolved by measuring this machine (sweeps/placement.py)."""
-    if spec.cpu != "auto":
-        return float(spec.cpu)
-    if gpu > 0:
-        print("resources_per_trial.cpu: auto -> 1 CPU per GPU trial", flush=True)
-        return 1.0
-    from sweeps.placement import measure
-
-    placement = measure(spec.trial_config({}), num_cpus or os.cpu_count())
-    rates = ", ".join(f"{split}: {rate:,.0f}" for split, rate in placement.tokens_per_s.items())
-    print(
-        f"resources_per_trial.cpu: auto -> {placement.threads} thread(s) per trial, {placement.trials} trial(s) "
-        f"per machine ({'cached measurement' if placement.cached else 'measured'}, tokens/s by trials x threads: "
-        f"{rates})",
-        flush=True,
-    )
-    return float(placement.threads)
-
-
-def make_callback(spec: SweepSpec, quiet: bool):
-    from ray import tune
-
-    swept = spec.swept_params
-
-    def describe(config: dict[str, Any]) -> str:
-        parts = []
-        for key in swept:
-            value = config.get(key)
-            short = key.split(".")[-1]
-            parts.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
-        return " ".join(parts)
-
-    class ConsoleLines(tune.Callback):
-        """One line per evaluation and per trial end, instead of Ray's tables."""
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if quiet:
-                return
-            mark = " DIVERGED" if result.get("diverged") else ""
-            val = result.get("val_loss")
-            val_text = f"{val:.4f}" if isinstance(val, float) else str(val)
-            print(
-                f"{time.strftime('%H:%M:%S')} {trial.trial_id} | tokens {result.get('tokens_seen', 0):>11,} | "
-                f"val_loss {val_text}{mark} | {describe(trial.config)}",
-                flush=True,
-            )
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            print(
-                f"{time.strftime('%H:%M:%S')} {trial.trial_id} finished at {last.get('tokens_seen', 0):,} tokens "
-                f"(best val_loss {last.get('best_val_loss')})",
-                flush=True,
-            )
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            print(
-                f"{time.strftime('%H:%M:%S')} {trial.trial_id} ERROR (see results for the message)",
-                flush=True,
-            )
-
-    return ConsoleLines()
-
-
 def run(args: argparse.Namespace) -> int:
+    """Validate, start Ray, run (or resume) the sweep, write its results; returns the exit code."""
     # One answer to "local Ray or a cluster?" for the allocator, start_ray and the CPU count.
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     worker_env = allocator_env(args.allocator, local=address is None)
     spec, storage, exp_dir, name = prepare(args)
     if not args.resume:
         save_spec(spec, exp_dir, name, [sys.executable, *sys.argv])
-    from ray import tune
+    import ray
 
     from sweeps.results import load_sweep, print_table, write_results
-    from sweeps.space import param_space, scheduler, search_algorithm
-    from sweeps.trainable import train_trial
 
     start_ray(address, args.num_cpus, worker_env)
     if worker_env:
         print(f"trial workers preload {worker_env['LD_PRELOAD']} (--allocator system: glibc malloc)", flush=True)
     try:
-        import ray
-
         check_storage_shared(storage, exp_dir)
-        gpu = gpus_per_trial(spec)
-        cpu = cpus_per_trial(spec, gpu, args.num_cpus if address is None else None)
-        threads = max(1, int(cpu))
-        trainable = tune.with_resources(
-            tune.with_parameters(train_trial, spec=spec, threads=threads, gpu=gpu, exp_dir=str(exp_dir)),
-            {"cpu": cpu, "gpu": gpu},
-        )
-        total_cpus = ray.cluster_resources().get("CPU", 1)
-        max_conc = spec.max_concurrent_trials or max(1, int(total_cpus // cpu))
-        run_config = tune.RunConfig(
+        exp_path = f"{storage.rstrip('/')}/{name}"
+        make_tuner(args, spec, storage, exp_dir, name, local=address is None).fit()  # failed trials do not raise
+        # Read the saved experiment state, not fit()'s results: after Ctrl-C Ray marks the interrupted trials
+        # TERMINATED in memory, while the saved state (what --resume continues) still has them running.
+        # Written before Ray shuts down, which Ray no longer needs.
+        sweep = load_sweep(exp_dir if (exp_dir / META_FILE).exists() else exp_path)
+        write_results(sweep, exp_dir)
+    finally:
+        ray.shutdown()
+    print_table(sweep)
+    return exit_code(sweep, spec, args, name, exp_dir)
+
+
+def make_tuner(args: argparse.Namespace, spec: SweepSpec, storage: str, exp_dir: Path, name: str, local: bool):
+    """The `tune.Tuner` of a new sweep, or of the interrupted one `--resume` continues (Ray is running)."""
+    import ray
+    from ray import tune
+
+    from sweeps.space import param_space, scheduler, search_algorithm
+    from sweeps.trainable import train_trial
+
+    gpu = gpus_per_trial(spec)
+    cpu = cpus_per_trial(spec, gpu, args.num_cpus if local else None)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, spec=spec, threads=max(1, int(cpu)), gpu=gpu, exp_dir=str(exp_dir)),
+        {"cpu": cpu, "gpu": gpu},
+    )
+    exp_path = f"{storage.rstrip('/')}/{name}"
+    if args.resume:
+        if not tune.Tuner.can_restore(exp_path):
+            raise SweepInputError(f"{exp_path}: --resume: no restorable sweep state there")
+        print(f"resuming sweep '{name}' from {exp_path}", flush=True)
+        for line in repair_pruned_checkpoints(exp_path):
+            print(line, flush=True)
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+    total_cpus = ray.cluster_resources().get("CPU", 1)
+    max_conc = spec.search.max_concurrent_trials or max(1, int(total_cpus // cpu))
+    print(
+        f"sweep '{name}': {spec.num_samples} trials ({spec.search.algorithm}/{spec.scheduler.type}), "
+        f"up to {max_conc} at once, {cpu:g} CPU + {gpu:g} GPU each, {spec.total_tokens:,} tokens per trial; "
+        f"results in {exp_path}",
+        flush=True,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric.name,
+            mode=spec.metric.mode,
+            search_alg=search_algorithm(spec, max_conc),
+            scheduler=scheduler(spec),
+            num_samples=spec.num_samples,
+            max_concurrent_trials=max_conc if spec.search.algorithm == "optuna" else None,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
             name=name,
             storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=spec.num_to_keep,
-                checkpoint_score_attribute=spec.metric,
-                checkpoint_score_order=spec.mode,
+                num_to_keep=spec.checkpoint.num_to_keep,
+                checkpoint_score_attribute=spec.metric.name,
+                checkpoint_score_order=spec.metric.mode,
             ),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             callbacks=[make_callback(spec, args.quiet)],
             verbose=0,
-        )
-        exp_path = f"{storage.rstrip('/')}/{name}"
-        if args.resume:
-            if not tune.Tuner.can_restore(exp_path):
-                raise SweepInputError(f"{exp_path}: --resume: no restorable sweep state there")
-            print(f"resuming sweep '{name}' from {exp_path}", flush=True)
-            for line in repair_pruned_checkpoints(exp_path):
-                print(line, flush=True)
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-        else:
-            print(
-                f"sweep '{name}': {spec.num_samples} trials ({spec.algorithm}/{spec.scheduler}), up to {max_conc} "
-                f"at once, {cpu:g} CPU + {gpu:g} GPU each, {spec.total_tokens:,} tokens per trial; "
-                f"results in {exp_path}",
-                flush=True,
-            )
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(spec),
-                tune_config=tune.TuneConfig(
-                    metric=spec.metric,
-                    mode=spec.mode,
-                    search_alg=search_algorithm(spec, max_conc),
-                    scheduler=scheduler(spec),
-                    num_samples=spec.num_samples,
-                    max_concurrent_trials=max_conc if spec.algorithm == "optuna" else None,
-                    reuse_actors=True,
-                ),
-                run_config=run_config,
-            )
-        tuner.fit()  # does not raise for failed trials: the saved state is read below
-        # Read the saved experiment state, not `results`: after Ctrl-C Ray marks the interrupted trials
-        # TERMINATED in memory, while the saved state (what --resume continues) still has them running.
-        # Written before Ray shuts down (1.4 s here), which Ray no longer needs.
-        sweep = load_sweep(exp_dir if (exp_dir / META_FILE).exists() else exp_path)
-        write_results(sweep, exp_dir)
-    finally:
-        import ray
+        ),
+    )
 
-        ray.shutdown()
-    print_table(sweep)
+
+def exit_code(sweep, spec: SweepSpec, args: argparse.Namespace, name: str, exp_dir: Path) -> int:
+    """130 (with the resume command) when trials are unfinished, 1 when some errored, else 0."""
     unfinished = int(sweep.dataframe["status"].isin(["pending", "running", "paused"]).sum())
     unfinished += max(0, spec.expected_trials - len(sweep.dataframe))  # never started
     if unfinished:
+        command = "lm-sweep" if Path(sys.argv[0]).name == "lm-sweep" else "python sweeps/run_sweep.py"
         print(
-            f"interrupted with {unfinished} trials unfinished: resume with\n  python sweeps/run_sweep.py "
+            f"interrupted with {unfinished} trials unfinished: resume with\n  {command} "
             f"--name {name} --storage-path {args.storage_path} --resume",
             flush=True,
         )
@@ -473,14 +324,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except (SpaceError, ConfigError, DataError, SweepInputError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`lm-sweep`: exit 0 when every trial ran, 1 when some errored, 2 on bad input, 130 when interrupted."""
+    return cli.run(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -17,57 +17,134 @@ parameters:                             # keys are dotted config paths (lm/confi
   data.batch_size: {values: [16, 32, 64]}
   model.d_model: {value: 128}
 ```
-Every error is a `SpaceError` whose one-line message names the file, the key and what was expected.
+`SweepSpec` mirrors this layout, one dataclass per section with a docstring per key. It is read by the same
+machinery as the training config (`lm.config.build`: unknown keys, types, choices), then `parse_space` checks
+what depends on several keys. Every error is a `SpaceError` whose one-line message names the file, the key and
+what was expected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import math
+import types
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from lm.config import Config, ConfigError, coerce, field_paths, field_type
+from lm.cli import InputError, find_config
+from lm.config import UNSET, Config, ConfigError, build, coerce, dump, field_paths, field_type
+from lm.record import Key
 
-TOP_LEVEL = {
-    "name",
-    "base_config",
-    "metric",
-    "search",
-    "scheduler",
-    "num_samples",
-    "resources_per_trial",
-    "stop",
-    "checkpoint",
-    "max_failures",
-    "parameters",
-    "description",
-}
+Goal = Literal["minimize", "maximize", "min", "max"]
+MetricName = Literal[Key.val_loss, Key.best_val_loss, Key.train_loss]
+Algorithm = Literal["optuna", "random", "grid"]
+Sampler = Literal["tpe", "random"]
+SchedulerType = Literal["asha", "fifo"]
+TimeAttr = Literal[Key.tokens_seen, Key.step, "training_iteration"]  # the last: Ray's count of reports
 DISTRIBUTIONS = ("log_uniform_values", "uniform", "q_uniform", "int_uniform", "values", "value")
-PARAM_KEYS = {"distribution", "min", "max", "q", "values", "value"}
-ALGORITHMS = ("optuna", "random", "grid")
-SAMPLERS = ("tpe", "random")
-SCHEDULERS = ("asha", "fifo")
-METRICS = ("val_loss", "best_val_loss", "train_loss")
 
 
-class SpaceError(ValueError):
+class SpaceError(InputError):
     """A search-space file is malformed (one-line message: file, key, what was expected)."""
 
 
 @dataclass
-class Param:
-    """One swept (or fixed) config field."""
+class Metric:
+    """What the search optimizes, ASHA compares and checkpoints are ranked by."""
 
-    path: str  # dotted config path, e.g. "optimizer.lr"
-    distribution: str  # one of DISTRIBUTIONS
-    min: float | None = None
-    max: float | None = None
-    q: float | None = None
-    values: list[Any] = field(default_factory=list)  # choices for "values", [constant] for "value"
+    name: MetricName = Key.val_loss.value
+    """val_loss (at each evaluation), best_val_loss (the lowest so far) or train_loss."""
+    goal: Goal = "minimize"
+    """minimize or maximize (min and max also work)."""
+
+    @property
+    def mode(self) -> str:
+        """Ray Tune's spelling of the goal: "min" or "max"."""
+        return "min" if self.goal in ("minimize", "min") else "max"
+
+
+@dataclass
+class Search:
+    """How each trial's parameters are chosen."""
+
+    algorithm: Algorithm = "optuna"
+    """optuna (Bayesian, seeded), random (Tune's random search) or grid (every combination of 'values' axes)."""
+    sampler: Sampler = "tpe"
+    """Optuna's sampler: tpe or random."""
+    seed: int | None = 0
+    """Seed of the search: the same seed suggests the same trials in the same order; null: unseeded."""
+    max_concurrent_trials: int | None = None
+    """Trials running at once; null: as many as fit the CPUs (resources_per_trial)."""
+
+
+@dataclass
+class Scheduler:
+    """Early stopping of trials."""
+
+    type: SchedulerType = "asha"
+    """asha (stops the worse trials at each rung) or fifo (every trial runs to the end)."""
+    time_attr: TimeAttr = Key.tokens_seen.value
+    """ASHA's clock: tokens_seen (fair across batch sizes), step, or training_iteration (reports)."""
+    grace_period: int = 200_000
+    """Time, in time_attr units, every trial runs before ASHA may stop it."""
+    reduction_factor: float = 3.0
+    """ASHA keeps the best 1/reduction_factor of the trials at each rung (> 1)."""
+
+
+@dataclass
+class Resources:
+    """What each trial gets from Ray."""
+
+    cpu: float | Literal["auto"] = 1.0
+    """CPU threads per trial, or "auto": sweeps.placement measures the best split of the machine at run time."""
+    gpu: float | Literal["auto"] = 0.0
+    """GPUs per trial: 0, a fraction in (0, 1] (trials share a GPU), a whole number, or "auto"."""
+
+
+@dataclass
+class Stop:
+    """Sweep-wide training settings: each, when set, replaces the base config's train field of the same name."""
+
+    max_tokens: int | None = None
+    """Token budget of every trial (ASHA's max_t); null: the base config's train.max_tokens."""
+    divergence_loss: float | None = None
+    """A trial whose loss exceeds this stops as diverged; null: the base config's train.divergence_loss."""
+
+
+@dataclass
+class Checkpoint:
+    """Ray's checkpoints of each trial's training state."""
+
+    num_to_keep: int = 2
+    """Checkpoints kept per trial, the best by the metric (Ray also keeps the latest, for resume)."""
+
+
+@dataclass
+class Param:
+    """One entry under `parameters`: how each trial sets one config field. Its keys' types depend on the field,
+    so `parse_space` converts them and puts the entry in canonical form (distribution always set)."""
+
+    EXAMPLE: ClassVar[str] = "{distribution: uniform, min: 0, max: 1} or {values: [...]} or {value: x}"
+    distribution: Any = UNSET
+    """One of DISTRIBUTIONS ("value" goes with `value`; "grid" is "values" under search.algorithm grid).
+    Default: "values" when values are given."""
+    min: Any = UNSET
+    """Lower end of a range (log_uniform_values: > 0)."""
+    max: Any = UNSET
+    """Upper end of a range (included for int_uniform)."""
+    q: Any = UNSET
+    """Step between the values of q_uniform."""
+    values: Any = UNSET
+    """The choices of "values": a categorical, or an axis of the grid (a single choice is a constant)."""
+    value: Any = UNSET
+    """A constant: every trial gets it."""
 
     @property
     def swept(self) -> bool:
@@ -76,48 +153,51 @@ class Param:
 
 @dataclass
 class SweepSpec:
-    """A validated search space; paths inside are absolute."""
+    """A search space, laid out as its YAML file; after `parse_space`, defaults are filled in, values are checked
+    and paths are absolute."""
 
-    source: str
-    name: str
-    base_config_path: Path | None
-    base_config: Config
-    metric: str = "val_loss"
-    mode: str = "min"
-    algorithm: str = "optuna"
-    sampler: str = "tpe"
-    seed: int | None = 0
-    max_concurrent_trials: int | None = None
-    scheduler: str = "asha"
-    time_attr: str = "tokens_seen"
-    grace_period: int = 200_000
-    reduction_factor: float = 3.0
-    num_samples: int = 8
-    cpu: float | str = 1.0  # or "auto"
-    gpu: float | str = 0
-    max_tokens: int | None = None
-    divergence_loss: float | None = None
-    num_to_keep: int = 2
+    name: str | None = None
+    """The sweep's name: its directory under the storage path. Null: the file name without extension."""
+    description: str | None = None
+    """Free text for people."""
+    base_config: str | None = None
+    """The training config every trial starts from (relative to the working directory, the space file's
+    directory or its parent, or a shipped config); null: the defaults."""
+    metric: Metric = field(default_factory=Metric)
+    """What is optimized."""
+    search: Search = field(default_factory=Search)
+    """How trials are chosen."""
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    """Early stopping."""
+    num_samples: int | None = None
+    """Trials to run (under search.algorithm grid: runs of the whole grid). Null: 8, or 1 under grid."""
+    resources_per_trial: Resources = field(default_factory=Resources)
+    """CPUs and GPUs per trial."""
+    stop: Stop = field(default_factory=Stop)
+    """Sweep-wide training settings."""
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    """Ray's checkpoints."""
     max_failures: int = 2
-    params: dict[str, Param] = field(default_factory=dict)
-    raw: dict[str, Any] = field(default_factory=dict)
+    """Restarts of a failed trial from its last checkpoint; -1: unlimited."""
+    parameters: dict[str, Param] = field(default_factory=dict)
+    """Dotted config paths (lm/config.py) and how each trial sets them; the rest comes from base_config."""
+    source: str = field(default="<space>", init=False)
+    """The file the space came from, for messages."""
+    base: Config = field(default_factory=Config, init=False, repr=False)
+    """base_config as loaded, with its data paths made absolute (trials run in their own working directory)."""
 
     @property
     def swept_params(self) -> list[str]:
-        return [p.path for p in self.params.values() if p.swept]
+        return [path for path, p in self.parameters.items() if p.swept]
 
     def trial_base(self) -> Config:
         """The base config with the sweep-wide settings (stop.*) applied: every trial starts from it."""
-        overrides: dict[str, Any] = {}
-        if self.max_tokens is not None:
-            overrides["train.max_tokens"] = self.max_tokens
-        if self.divergence_loss is not None:
-            overrides["train.divergence_loss"] = self.divergence_loss
-        return self.base_config.replace(overrides, self.source) if overrides else self.base_config
+        overrides = {f"train.{k}": v for k, v in dataclasses.asdict(self.stop).items() if v is not None}
+        return self.base.replace(overrides, self.source) if overrides else self.base
 
     def trial_config(self, sampled: dict[str, Any]) -> Config:
         """Base + sampled overrides (a trial's config); raises ConfigError for an invalid combination."""
-        constants = {p.path: p.values[0] for p in self.params.values() if p.distribution == "value"}
+        constants = {path: p.value for path, p in self.parameters.items() if p.distribution == "value"}
         # A continuous draw for an integer field (e.g. log-uniform warmup steps) is rounded.
         sampled = {
             k: int(round(v)) if isinstance(v, float) and _base_type(field_type(k)) is int else v
@@ -128,13 +208,25 @@ class SweepSpec:
     @property
     def expected_trials(self) -> int:
         """Trials a complete sweep runs: num_samples, times the grid's size under algorithm grid."""
-        if self.algorithm != "grid":
+        if self.search.algorithm != "grid":
             return self.num_samples
-        return self.num_samples * math.prod(len(p.values) for p in self.params.values() if p.distribution == "values")
+        return self.num_samples * math.prod(
+            len(p.values) for p in self.parameters.values() if p.distribution == "values"
+        )
 
     @property
     def total_tokens(self) -> int:
         return self.trial_base().train.max_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """The space as plain YAML data, defaults filled in and base_config absolute: `parse_space` reads it back
+        to an equal spec (the experiment directory keeps it, so that --resume runs the same space)."""
+        return dump(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading and checking
+# ---------------------------------------------------------------------------------------------------
 
 
 def load_space(path: str | Path, sets: list[str] | None = None) -> SweepSpec:
@@ -174,7 +266,7 @@ def _apply_set(raw: dict[str, Any], item: str, src: str) -> None:
                 f"--set {item}: no parameter '{param}' in {src} (to fix a config field use --set {rest}=...)"
             )
         params[param][attr] = value
-    elif head in TOP_LEVEL:
+    elif head in (f.name for f in dataclasses.fields(SweepSpec) if f.init):
         target = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -190,235 +282,46 @@ def _apply_set(raw: dict[str, Any], item: str, src: str) -> None:
         raise SpaceError(f"--set {item}: unknown key '{key}' (a sweep setting or a config field such as optimizer.lr)")
 
 
-def _section(raw: dict, key: str, src: str, allowed: set[str]) -> dict[str, Any]:
-    value = raw.get(key) or {}
-    if not isinstance(value, dict):
-        raise SpaceError(f"{src}: {key}: expected a mapping, got {value!r}")
-    for k in value:
-        if k not in allowed:
-            raise SpaceError(f"{src}: {key}.{k}: unknown key (expected one of {sorted(allowed)})")
-    return value
-
-
-def _number(value: Any, where: str, kind: type = float, positive: bool = False, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    try:
-        number = coerce(value, kind, where)
-    except ConfigError as e:
-        raise SpaceError(str(e)) from None
-    if positive and not number > 0:
-        raise SpaceError(f"{where}: expected a positive number, got {value!r}")
-    return number
-
-
-def _resolve_base(text: Any, src: str, spec_dir: Path) -> Path:
-    if not isinstance(text, str):
-        raise SpaceError(f"{src}: base_config: expected a path to a YAML/JSON config, got {text!r}")
-    p = Path(text).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, spec_dir / p, spec_dir.parent / p]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    tried = ", ".join(str(c) for c in candidates)
-    raise SpaceError(f"{src}: base_config: file '{text}' not found (looked at {tried})")
-
-
 def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None = None) -> SweepSpec:
-    """Validate a search-space mapping (as loaded from YAML) into a SweepSpec."""
-    spec_dir = spec_dir or Path.cwd()
-    for key in raw:
-        if key not in TOP_LEVEL:
-            raise SpaceError(f"{src}: unknown top-level key '{key}' (expected one of {sorted(TOP_LEVEL)})")
-    name = raw.get("name") or Path(src).stem
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise SpaceError(f"{src}: name: expected letters, digits, '-', '_' or '.', got {name!r}")
+    """Validate a search-space mapping (as loaded from YAML) into a SweepSpec.
 
-    base_path = _resolve_base(raw["base_config"], src, spec_dir) if raw.get("base_config") is not None else None
+    `build` checks each key alone (known, typed, one of its choices); then the defaults that depend on the file
+    or on other keys are filled in, the base config is loaded, and `_validate` checks the rest.
+    """
+    with _space_errors():
+        spec = build(SweepSpec, raw, src, noun="key")
+    spec.source = src
+    spec.name = spec.name or Path(src).stem
+    if spec.num_samples is None:
+        spec.num_samples = 1 if spec.search.algorithm == "grid" else 8  # a grid runs each point once
+    if spec.base_config is not None:
+        spec.base_config = str(_resolve_base(spec.base_config, src, spec_dir or Path.cwd()))
     try:
-        base = Config.from_file(base_path) if base_path else Config()
+        base = Config.from_file(spec.base_config) if spec.base_config else Config()
     except ConfigError as e:
         raise SpaceError(f"{src}: base_config: {e}") from None
-    base = _absolute_data_paths(base, base_path)
-
-    metric = _section(raw, "metric", src, {"name", "goal"})
-    metric_name = metric.get("name", "val_loss")
-    if metric_name not in METRICS:
-        raise SpaceError(f"{src}: metric.name: expected one of {list(METRICS)}, got {metric_name!r}")
-    goal = metric.get("goal", "minimize")
-    if goal not in ("minimize", "maximize", "min", "max"):
-        raise SpaceError(f"{src}: metric.goal: expected minimize or maximize, got {goal!r}")
-
-    search = _section(raw, "search", src, {"algorithm", "sampler", "seed", "max_concurrent_trials"})
-    algorithm = search.get("algorithm", "optuna")
-    if algorithm not in ALGORITHMS:
-        raise SpaceError(f"{src}: search.algorithm: expected one of {list(ALGORITHMS)}, got {algorithm!r}")
-    sampler = search.get("sampler", "tpe")
-    if sampler not in SAMPLERS:
-        raise SpaceError(f"{src}: search.sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
-    seed = _number(search.get("seed", 0), f"{src}: search.seed", int, allow_none=True)
-    max_conc = _number(
-        search.get("max_concurrent_trials"),
-        f"{src}: search.max_concurrent_trials",
-        int,
-        positive=True,
-        allow_none=True,
-    )
-
-    sched = _section(raw, "scheduler", src, {"type", "time_attr", "grace_period", "reduction_factor"})
-    sched_type = sched.get("type", "asha")
-    if sched_type not in SCHEDULERS:
-        raise SpaceError(f"{src}: scheduler.type: expected one of {list(SCHEDULERS)}, got {sched_type!r}")
-    time_attr = sched.get("time_attr", "tokens_seen")
-    if time_attr not in ("tokens_seen", "step", "training_iteration"):
-        raise SpaceError(
-            f"{src}: scheduler.time_attr: expected tokens_seen, step or training_iteration, got {time_attr!r}"
-        )
-    grace = _number(sched.get("grace_period", 200_000), f"{src}: scheduler.grace_period", int, positive=True)
-    rf = _number(sched.get("reduction_factor", 3), f"{src}: scheduler.reduction_factor", float, positive=True)
-    if rf <= 1:
-        raise SpaceError(f"{src}: scheduler.reduction_factor: expected a number > 1, got {rf!r}")
-
-    num_samples = _number(
-        raw.get("num_samples", 1 if algorithm == "grid" else 8), f"{src}: num_samples", int, positive=True
-    )
-    res = _section(raw, "resources_per_trial", src, {"cpu", "gpu"})
-    cpu = res.get("cpu", 1)
-    if cpu != "auto":  # "auto": sweeps.placement measures the best split of the machine at run time
-        try:
-            cpu = _number(cpu, f"{src}: resources_per_trial.cpu", float, positive=True)
-        except SpaceError:
-            raise SpaceError(
-                f'{src}: resources_per_trial.cpu: expected a positive number of CPUs or "auto", got {cpu!r}'
-            ) from None
-    gpu = res.get("gpu", 0)
-    if gpu != "auto":
-        gpu = _number(gpu, f"{src}: resources_per_trial.gpu", float)
-        if gpu < 0 or (gpu > 1 and not float(gpu).is_integer()):
-            raise SpaceError(
-                f"{src}: resources_per_trial.gpu: expected 0, a fraction in (0, 1], a whole number "
-                f'or "auto", got {res["gpu"]!r}'
-            )
-
-    stop = _section(raw, "stop", src, {"max_tokens", "divergence_loss"})
-    max_tokens = _number(stop.get("max_tokens"), f"{src}: stop.max_tokens", int, positive=True, allow_none=True)
-    div = _number(stop.get("divergence_loss"), f"{src}: stop.divergence_loss", float, positive=True, allow_none=True)
-    ckpt = _section(raw, "checkpoint", src, {"num_to_keep"})
-    num_to_keep = _number(ckpt.get("num_to_keep", 2), f"{src}: checkpoint.num_to_keep", int, positive=True)
-    max_failures = _number(raw.get("max_failures", 2), f"{src}: max_failures", int)
-    if max_failures < -1:
-        raise SpaceError(f"{src}: max_failures: expected an integer >= 0 (or -1 for unlimited), got {max_failures}")
-
-    params_raw = raw.get("parameters") or {}
-    if not isinstance(params_raw, dict):
-        raise SpaceError(f"{src}: parameters: expected a mapping of config paths to distributions")
-    params = {path: _parse_param(path, spec, src, algorithm) for path, spec in params_raw.items()}
-    if algorithm == "grid" and not any(p.distribution == "values" for p in params.values()):
-        raise SpaceError(f"{src}: parameters: search.algorithm grid needs at least one 'values' axis")
-
-    spec = SweepSpec(
-        source=src,
-        name=name,
-        base_config_path=base_path,
-        base_config=base,
-        metric=metric_name,
-        mode="min" if goal in ("minimize", "min") else "max",
-        algorithm=algorithm,
-        sampler=sampler,
-        seed=seed,
-        max_concurrent_trials=max_conc,
-        scheduler=sched_type,
-        time_attr=time_attr,
-        grace_period=grace,
-        reduction_factor=rf,
-        num_samples=num_samples,
-        cpu=cpu,
-        gpu=gpu,
-        max_tokens=max_tokens,
-        divergence_loss=div,
-        num_to_keep=num_to_keep,
-        max_failures=max_failures,
-        params=params,
-        raw=raw,
-    )
-    _check_params_build(spec)
+    spec.base = _absolute_data_paths(base, Path(spec.base_config) if spec.base_config else None)
+    _validate(spec)
     return spec
 
 
-def _parse_param(path: str, spec: Any, src: str, algorithm: str) -> Param:
-    where = f"{src}: parameters.{path}"
-    if path not in field_paths():
-        raise SpaceError(f"{where}: not a config field (known: {', '.join(field_paths())})")
-    if not isinstance(spec, dict):
+@contextlib.contextmanager
+def _space_errors() -> Iterator[None]:
+    """The builder's ConfigErrors, as SpaceErrors (same message)."""
+    try:
+        yield
+    except ConfigError as e:
+        raise SpaceError(str(e)) from None
+
+
+def _resolve_base(text: str, src: str, spec_dir: Path) -> Path:
+    path = find_config(text, spec_dir, spec_dir.parent)  # also the shipped configs (configs/tiny.yaml)
+    if not path.is_file():
         raise SpaceError(
-            f"{where}: expected a mapping like {{distribution: uniform, min: 0, max: 1}} or "
-            f"{{values: [...]}} or {{value: x}}, got {spec!r}"
+            f"{src}: base_config: file '{text}' not found (looked in the working directory, {spec_dir}, "
+            f"{spec_dir.parent} and the shipped configs)"
         )
-    for k in spec:
-        if k not in PARAM_KEYS:
-            raise SpaceError(f"{where}.{k}: unknown key (expected one of {sorted(PARAM_KEYS)})")
-    annotation = field_type(path)
-
-    def typed(value: Any, key: str) -> Any:
-        try:
-            return coerce(value, annotation, f"{where}.{key}")
-        except ConfigError as e:
-            raise SpaceError(str(e)) from None
-
-    if "value" in spec:
-        if len(spec) > 1:
-            raise SpaceError(f"{where}: 'value' (a constant) cannot be combined with {sorted(set(spec) - {'value'})}")
-        return Param(path, "value", values=[typed(spec["value"], "value")])
-    dist = spec.get("distribution", "values" if "values" in spec else None)
-    if dist == "log_uniform":
-        raise SpaceError(
-            f"{where}.distribution: 'log_uniform' takes log-space bounds in W&B; use "
-            f"log_uniform_values with min/max given as values (e.g. min: 1.0e-4, max: 3.0e-2)"
-        )
-    if dist == "grid":
-        if algorithm != "grid":
-            raise SpaceError(
-                f"{where}.distribution: grid axes need search.algorithm: grid (got {algorithm}); "
-                f"with {algorithm} use 'values' for a categorical choice"
-            )
-        dist = "values"
-    if dist not in DISTRIBUTIONS:
-        raise SpaceError(f"{where}.distribution: expected one of {list(DISTRIBUTIONS)}, got {dist!r}")
-    if dist == "values":
-        values = spec.get("values")
-        if not isinstance(values, list) or not values:
-            raise SpaceError(f"{where}.values: expected a non-empty list, got {values!r}")
-        return Param(path, "values", values=[typed(v, "values") for v in values])
-    if algorithm == "grid":
-        raise SpaceError(f"{where}: search.algorithm grid takes only 'values' axes and constants, got {dist}")
-    if "values" in spec:
-        raise SpaceError(f"{where}: 'values' does not go with distribution {dist}")
-    for key in ("min", "max"):
-        if key not in spec:
-            raise SpaceError(f"{where}.{key}: required for distribution {dist}")
-    kind = int if dist == "int_uniform" else float
-    if _base_type(annotation) not in (int, float):
-        raise SpaceError(f"{where}.distribution: {dist} draws numbers, but {path} is not numeric; use 'values'")
-    lo = _number(spec["min"], f"{where}.min", kind)
-    hi = _number(spec["max"], f"{where}.max", kind)
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
-        raise SpaceError(f"{where}: expected min < max, got min {lo!r} and max {hi!r}")
-    if dist == "log_uniform_values" and lo <= 0:
-        raise SpaceError(f"{where}.min: log_uniform_values needs min > 0, got {lo!r}")
-    q = None
-    if dist == "q_uniform":
-        if "q" not in spec:
-            raise SpaceError(f"{where}.q: required for q_uniform (the step between values)")
-        q = _number(spec["q"], f"{where}.q", float, positive=True)
-    elif "q" in spec:
-        raise SpaceError(f"{where}.q: only q_uniform takes a step")
-    return Param(path, dist, min=lo, max=hi, q=q)
-
-
-def _base_type(annotation: Any) -> Any:
-    """int for `int | None`, etc."""
-    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-    return args[0] if args else annotation
+    return path.resolve()
 
 
 def _absolute_data_paths(config: Config, base_path: Path | None) -> Config:
@@ -435,21 +338,135 @@ def _absolute_data_paths(config: Config, base_path: Path | None) -> Config:
     return config.replace(overrides) if overrides else config
 
 
+def _validate(spec: SweepSpec) -> None:
+    """What `build` cannot check key by key: ranges, and keys that depend on others. Puts every parameter in
+    canonical form. Raises SpaceError naming the first bad key."""
+    src = spec.source
+
+    def fail(key: str, expected: str, got: Any) -> typing.NoReturn:
+        raise SpaceError(f"{src}: {key}: expected {expected}, got {got!r}")
+
+    if not spec.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        fail("name", "letters, digits, '-', '_' or '.'", spec.name)
+    for key, value in (
+        ("search.max_concurrent_trials", spec.search.max_concurrent_trials),
+        ("scheduler.grace_period", spec.scheduler.grace_period),
+        ("num_samples", spec.num_samples),
+        ("stop.max_tokens", spec.stop.max_tokens),
+        ("stop.divergence_loss", spec.stop.divergence_loss),
+        ("checkpoint.num_to_keep", spec.checkpoint.num_to_keep),
+    ):
+        if value is not None and not value > 0:
+            fail(key, "a positive number", value)
+    if not spec.scheduler.reduction_factor > 1:
+        fail("scheduler.reduction_factor", "a number > 1", spec.scheduler.reduction_factor)
+    cpu, gpu = spec.resources_per_trial.cpu, spec.resources_per_trial.gpu
+    if cpu != "auto" and not cpu > 0:
+        fail("resources_per_trial.cpu", 'a positive number of CPUs or "auto"', cpu)
+    if gpu != "auto" and not (gpu >= 0 and (gpu <= 1 or float(gpu).is_integer())):
+        fail("resources_per_trial.gpu", '0, a fraction in (0, 1], a whole number or "auto"', gpu)
+    if spec.max_failures < -1:
+        fail("max_failures", "an integer >= 0 (or -1 for unlimited)", spec.max_failures)
+    algorithm = spec.search.algorithm
+    spec.parameters = {
+        path: _check_param(path, p, algorithm, f"{src}: parameters.{path}") for path, p in spec.parameters.items()
+    }
+    if algorithm == "grid" and not any(p.distribution == "values" for p in spec.parameters.values()):
+        raise SpaceError(f"{src}: parameters: search.algorithm grid needs at least one 'values' axis")
+    _check_params_build(spec)
+
+
+def _check_param(path: str, p: Param, algorithm: str, where: str) -> Param:
+    """A `parameters` entry checked against its config field and the algorithm, in canonical form: distribution
+    set ("grid" becomes "values"), every value converted to the field's type."""
+    if path not in field_paths():
+        raise SpaceError(f"{where}: not a config field (known: {', '.join(field_paths())})")
+    annotation = field_type(path)
+    if p.value is not UNSET:
+        given = [f.name for f in dataclasses.fields(p) if getattr(p, f.name) is not UNSET]
+        others = sorted(set(given) - {"value"} - ({"distribution"} if p.distribution == "value" else set()))
+        if others:
+            raise SpaceError(f"{where}: 'value' (a constant) cannot be combined with {others}")
+        return Param("value", value=_typed(p.value, annotation, f"{where}.value"))
+    dist = p.distribution if p.distribution is not UNSET else ("values" if p.values is not UNSET else None)
+    if dist == "log_uniform":
+        raise SpaceError(
+            f"{where}.distribution: 'log_uniform' takes log-space bounds in W&B; use "
+            f"log_uniform_values with min/max given as values (e.g. min: 1.0e-4, max: 3.0e-2)"
+        )
+    if dist == "grid":
+        if algorithm != "grid":
+            raise SpaceError(
+                f"{where}.distribution: grid axes need search.algorithm: grid (got {algorithm}); "
+                f"with {algorithm} use 'values' for a categorical choice"
+            )
+        dist = "values"
+    if dist not in DISTRIBUTIONS:
+        raise SpaceError(f"{where}.distribution: expected one of {list(DISTRIBUTIONS)}, got {dist!r}")
+    if dist == "value":
+        raise SpaceError(f"{where}.value: required for distribution value")
+    if dist == "values":
+        values = None if p.values is UNSET else p.values
+        if not isinstance(values, list) or not values:
+            raise SpaceError(f"{where}.values: expected a non-empty list, got {values!r}")
+        return Param("values", values=[_typed(v, annotation, f"{where}.values") for v in values])
+    if algorithm == "grid":
+        raise SpaceError(f"{where}: search.algorithm grid takes only 'values' axes and constants, got {dist}")
+    if p.values is not UNSET:
+        raise SpaceError(f"{where}: 'values' does not go with distribution {dist}")
+    return _check_range(path, p, dist, annotation, where)
+
+
+def _check_range(path: str, p: Param, dist: str, annotation: Any, where: str) -> Param:
+    """A range distribution (uniform, log_uniform_values, q_uniform, int_uniform) in canonical form."""
+    for key in ("min", "max"):
+        if getattr(p, key) is UNSET:
+            raise SpaceError(f"{where}.{key}: required for distribution {dist}")
+    if _base_type(annotation) not in (int, float):
+        raise SpaceError(f"{where}.distribution: {dist} draws numbers, but {path} is not numeric; use 'values'")
+    kind = int if dist == "int_uniform" else float
+    lo, hi = _typed(p.min, kind, f"{where}.min"), _typed(p.max, kind, f"{where}.max")
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+        raise SpaceError(f"{where}: expected min < max, got min {lo!r} and max {hi!r}")
+    if dist == "log_uniform_values" and lo <= 0:
+        raise SpaceError(f"{where}.min: log_uniform_values needs min > 0, got {lo!r}")
+    q = UNSET
+    if dist == "q_uniform":
+        if p.q is UNSET:
+            raise SpaceError(f"{where}.q: required for q_uniform (the step between values)")
+        q = _typed(p.q, float, f"{where}.q")
+        if not q > 0:
+            raise SpaceError(f"{where}.q: expected a positive number, got {p.q!r}")
+    elif p.q is not UNSET:
+        raise SpaceError(f"{where}.q: only q_uniform takes a step")
+    return Param(dist, min=lo, max=hi, q=q)
+
+
+def _typed(value: Any, annotation: Any, where: str) -> Any:
+    with _space_errors():
+        return coerce(value, annotation, where)
+
+
+def _base_type(annotation: Any) -> Any:
+    """int for `int | None`, etc."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
 def _check_params_build(spec: SweepSpec) -> None:
     """Every constant, every listed value and both ends of every range must give a valid config.
 
     Catches e.g. a batch size choice that makes max_tokens shorter than one step, before Ray starts.
     """
-    for p in spec.params.values():
-        probes = p.values if p.distribution in ("values", "value") else [p.min, p.max]
+    for path, p in spec.parameters.items():
+        probes = {"value": [p.value], "values": p.values}.get(p.distribution, [p.min, p.max])
         for v in probes:
-            if p.distribution == "int_uniform":
-                v = int(v)
             try:
-                spec.trial_config({p.path: v})
+                spec.trial_config({path: v})
             except ConfigError as e:
                 raise SpaceError(
-                    f"{spec.source}: parameters.{p.path}: value {v!r} gives an invalid config: "
+                    f"{spec.source}: parameters.{path}: value {v!r} gives an invalid config: "
                     f"{str(e).split(': ', 1)[-1]}"
                 ) from None
 
@@ -464,19 +481,19 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     from ray import tune
 
     space: dict[str, Any] = {}
-    for p in spec.params.values():
+    for path, p in spec.parameters.items():
         if p.distribution == "value":
             continue
         if p.distribution == "values":
-            space[p.path] = tune.grid_search(p.values) if spec.algorithm == "grid" else tune.choice(p.values)
+            space[path] = tune.grid_search(p.values) if spec.search.algorithm == "grid" else tune.choice(p.values)
         elif p.distribution == "log_uniform_values":
-            space[p.path] = tune.loguniform(p.min, p.max)
+            space[path] = tune.loguniform(p.min, p.max)
         elif p.distribution == "uniform":
-            space[p.path] = tune.uniform(p.min, p.max)
+            space[path] = tune.uniform(p.min, p.max)
         elif p.distribution == "q_uniform":
-            space[p.path] = tune.quniform(p.min, p.max, p.q)
+            space[path] = tune.quniform(p.min, p.max, p.q)
         elif p.distribution == "int_uniform":
-            space[p.path] = tune.randint(int(p.min), int(p.max) + 1)  # Tune's upper bound is exclusive
+            space[path] = tune.randint(p.min, p.max + 1)  # Tune's upper bound is exclusive
     return space
 
 
@@ -486,32 +503,34 @@ def search_algorithm(spec: SweepSpec, max_concurrent: int | None = None):
     Tune applies `TuneConfig(max_concurrent_trials)` to Searchers only; the variant generator takes its
     own `max_concurrent`, so the limit is given here for it.
     """
-    if spec.algorithm == "optuna":
+    search = spec.search
+    if search.algorithm == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = (
-            optuna.samplers.TPESampler(seed=spec.seed)
-            if spec.sampler == "tpe"
-            else optuna.samplers.RandomSampler(seed=spec.seed)
+            optuna.samplers.TPESampler(seed=search.seed)
+            if search.sampler == "tpe"
+            else optuna.samplers.RandomSampler(seed=search.seed)
         )
         return OptunaSearch(sampler=sampler)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent or 0)
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent or 0)
 
 
 def scheduler(spec: SweepSpec):
     """ASHA on `time_attr` up to the token budget (or FIFO: no early stopping)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if spec.scheduler == "fifo":
+    s = spec.scheduler
+    if s.type == "fifo":
         return FIFOScheduler()
-    max_t = spec.total_tokens if spec.time_attr == "tokens_seen" else spec.trial_base().total_steps
+    max_t = spec.total_tokens if s.time_attr == Key.tokens_seen else spec.trial_base().total_steps
     return ASHAScheduler(
-        time_attr=spec.time_attr,
+        time_attr=s.time_attr,
         max_t=max_t,
-        grace_period=min(spec.grace_period, max_t),
-        reduction_factor=spec.reduction_factor,
+        grace_period=min(s.grace_period, max_t),
+        reduction_factor=s.reduction_factor,
     )

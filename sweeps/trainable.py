@@ -21,9 +21,9 @@ from ray import tune
 
 from lm.config import Config
 from lm.train import train
+from sweeps.layout import STATE_FILE, TRIAL_RUN_DIR
+from sweeps.ray_compat import NODE_ID
 from sweeps.space import SweepSpec
-
-STATE_FILE = "state.pt"  # the training state inside each Ray checkpoint directory
 
 
 def trial_config(
@@ -98,7 +98,7 @@ def train_trial(sampled: dict[str, Any], spec: SweepSpec, threads: int, gpu: flo
 def _run_trial(
     spec: SweepSpec, sampled: dict[str, Any], threads: int, gpu: float, trial_dir: Path, checkpoint_dir: Path
 ) -> None:
-    config = trial_config(spec, sampled, trial_dir / "run", gpu, threads, checkpoint_dir)
+    config = trial_config(spec, sampled, trial_dir / TRIAL_RUN_DIR, gpu, threads, checkpoint_dir)
     _check_data_here(config)
 
     resume_from = None
@@ -112,7 +112,7 @@ def _run_trial(
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], checkpoint_path: Path | None) -> None:
-        metrics = {**metrics, "node_id": node_id}
+        metrics = {**metrics, NODE_ID: node_id}
         if checkpoint_path is None:
             tune.report(metrics)
             return
@@ -121,9 +121,9 @@ def _run_trial(
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     summary = train(config, reporter=report, resume_from=resume_from)
-    if summary["diverged"]:
+    if summary.diverged:
         return  # the loop already reported the diverged result
-    if summary["final_val_loss"] is None:
+    if summary.final_val_loss is None:
         raise RuntimeError(f"trial ended without an evaluation: {summary}")
 
 

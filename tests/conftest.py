@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 
 from lm.config import Config
+from sweeps.ray_compat import set_env_defaults
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+set_env_defaults()  # as the driver does, before any test imports Ray
+
+# The process-test harness (tests/support/): its plain asserts report values as a test's do, and its shared
+# fixtures (ray_tmp, twin_sweeps) are available to every test module.
+pytest.register_assert_rewrite("support")
+pytest_plugins = ["support.fixtures"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -74,7 +74,7 @@ def test_sweep_on_two_node_cluster_survives_losing_the_worker_node(tmp_path, sma
         worker = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         head_id, worker_id = cluster.head_node.node_id, worker.node_id
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = dict(os.environ)  # conftest set Ray's environment defaults
         env.pop("RAY_ADDRESS", None)
         log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed below
         driver = subprocess.Popen(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lm.config import (
     Config,
@@ -16,12 +18,15 @@ from lm.config import (
     OptimizerConfig,
     TrainConfig,
     coerce,
+    config_help,
+    field_docs,
     field_paths,
     field_type,
     parse_override_args,
 )
+from lm.data import TOKEN_DTYPES
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "lm" / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("*.yml"))
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,7 +125,7 @@ def test_from_file_override_errors_name_the_file(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.skipif(not CONFIG_FILES, reason="no configs/*.yaml yet")
+@pytest.mark.skipif(not CONFIG_FILES, reason="no lm/configs/*.yaml yet")
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_ready_config_files_load(path):
     config = Config.from_file(path)
@@ -373,10 +378,55 @@ def test_lr_schedule_without_warmup_starts_at_peak():
     assert config.lr_at(config.total_steps - 1) == 0.0
 
 
-def test_interval_steps():
-    config = _sized()  # 64 tokens per step
-    assert config.interval_steps(7, None) == 7
-    assert config.interval_steps(7, 640) == 10  # tokens win
-    assert config.interval_steps(None, 641) == 11  # rounded up
-    assert config.interval_steps(None, 1) == 1
-    assert config.interval_steps(None, None) is None
+# ---------------------------------------------------------------------------------------------------------
+# Choices, YAML booleans, field docs, help and YAML output
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_choices_come_from_the_code_that_implements_them():
+    for dtype in TOKEN_DTYPES:
+        assert Config().replace({"data.dtype": dtype}).data.dtype == dtype
+    with pytest.raises(ConfigError, match=r"data\.dtype: expected one of \['uint16'.*or null, got 'float32'"):
+        Config().replace({"data.dtype": "float32"})
+
+
+def test_yaml_booleans_where_a_choice_is_expected(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  progress: off\n")  # YAML 1.1 reads an unquoted off as false
+    assert Config.from_file(path).train.progress == "off"
+    # No choice is spelled like true: say why the value is a boolean.
+    with pytest.raises(ConfigError, match=r"train\.progress: expected one of .*got True \(YAML reads unquoted"):
+        Config.from_dict({"train": {"progress": True}})
+
+
+def test_every_field_has_a_one_line_doc():
+    for cls in (Config, ModelConfig, OptimizerConfig, DataConfig, TrainConfig):
+        docs = field_docs(cls)
+        assert set(docs) == {f.name for f in dataclasses.fields(cls)}, cls
+        assert all(doc and "\n" not in doc for doc in docs.values()), cls
+
+
+def test_config_help_lists_every_field_with_type_default_and_doc():
+    text = config_help()
+    for section in ("model", "optimizer", "data", "train"):
+        assert f"{section}: " in text
+    for path in field_paths():
+        section, name = path.split(".")
+        cls = type(getattr(Config(), section))
+        assert f"--{path} " in text, path
+        assert field_docs(cls)[name] in text, path
+    assert "--optimizer.lr float = 0.003" in text
+    assert "--optimizer.warmup_iters int | null = null" in text
+    assert "--model.norm {pre, post, none} = pre" in text
+    assert "--data.dtype {uint16, uint32, int32, int64} | null = null" in text
+    assert "--train.tensorboard bool = true" in text
+
+
+def test_to_yaml_round_trips():
+    config = Config().replace(
+        {"optimizer.lr": 3e-4, "optimizer.eps": 1e-10, "train.progress": "off", "data.dtype": "uint16"}
+    )
+    text = config.to_yaml()
+    assert text.startswith("model:\n") and "  lr: 0.0003\n" in text
+    assert Config.from_dict(yaml.safe_load(text)) == config
+    assert Config.from_dict(yaml.safe_load(Config().to_yaml())) == Config()

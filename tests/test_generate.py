@@ -356,7 +356,7 @@ def test_cli_bad_input_subprocess(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tokenizers: BPE data, and the byte fallback when lm.tokenizer is unavailable
+# Tokenizers: BPE data
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -400,17 +400,3 @@ def test_tokenizer_larger_than_the_model_is_an_error(capsys, tmp_path):
     ckpt = _bpe_checkpoint(tmp_path, vocab_size=257)  # the tokenizer's EOT id 257 does not fit
     code, _, err = _run_main(capsys, ["--checkpoint", str(ckpt), "--prompt", "hi", "--device", "cpu"])
     assert code == 2 and err.startswith("error: ") and "vocabulary" in err
-
-
-def test_byte_fallback_without_lm_tokenizer(monkeypatch, capsys, trained):
-    monkeypatch.setitem(sys.modules, "lm.tokenizer", None)  # any import of it now raises ImportError
-    with pytest.raises(ImportError):
-        import lm.tokenizer  # noqa: F401
-    _, config = load_model(trained)
-    tokenizer = find_tokenizer(config)
-    assert type(tokenizer).__module__ == "lm.generate"
-    assert tokenizer.eot_token == 256 and tokenizer.encode("hé") == [104, 195, 169]
-    assert tokenizer.decode([104, 195, 169, 256]) == "hé"
-    args = ["--checkpoint", str(trained), "--prompt", "Once", "--max-new-tokens", "10", "--seed", "0"]
-    code, out, err = _run_main(capsys, [*args, "--device", "cpu"])
-    assert code == 0 and out.startswith("Once"), err

@@ -3,18 +3,24 @@ conversion to Ray Tune domains. Nothing here starts Ray (the CLI cases fail befo
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
+from lm.config import field_docs
+from lm.record import Key
+from sweeps import space
 from sweeps.space import SpaceError, SweepSpec, load_space, param_space
 
 REPO = Path(__file__).resolve().parent.parent
-SPACES = sorted((REPO / "search_spaces").glob("*.yaml")) + sorted((REPO / "search_spaces").glob("*.yml"))
-LR_SWEEP = REPO / "search_spaces" / "lr_sweep.yaml"
+SPACE_DIR = REPO / "sweeps" / "search_spaces"
+SPACES = sorted(SPACE_DIR.glob("*.yaml")) + sorted(SPACE_DIR.glob("*.yml"))
+LR_SWEEP = SPACE_DIR / "lr_sweep.yaml"
 
 
 def _write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
@@ -39,12 +45,12 @@ def test_every_shipped_space_loads(path):
     assert spec.name == path.stem
     assert spec.source == str(path)
     assert spec.swept_params, "a shipped sweep should sweep something"
-    assert spec.base_config_path is not None and spec.base_config_path.is_absolute()
-    assert spec.base_config_path.is_file()
+    assert spec.base_config is not None and Path(spec.base_config).is_absolute()
+    assert Path(spec.base_config).is_file()
     # Every trial starts from a valid config that has the sweep's token budget.
     base = spec.trial_config({})
-    if spec.max_tokens is not None:
-        assert base.train.max_tokens == spec.max_tokens == spec.total_tokens
+    if spec.stop.max_tokens is not None:
+        assert base.train.max_tokens == spec.stop.max_tokens == spec.total_tokens
     # The conversion to Tune domains covers exactly the swept parameters.
     assert set(param_space(spec)) == set(spec.swept_params)
 
@@ -52,27 +58,30 @@ def test_every_shipped_space_loads(path):
 def test_lr_sweep_fields():
     spec = load_space(LR_SWEEP)
     assert spec.name == "lr_sweep"
-    assert spec.base_config_path == (REPO / "configs" / "tiny.yaml").resolve()
-    assert (spec.metric, spec.mode) == ("val_loss", "min")
-    assert (spec.algorithm, spec.sampler, spec.seed, spec.max_concurrent_trials) == ("optuna", "tpe", 0, None)
-    assert (spec.scheduler, spec.time_attr) == ("asha", "tokens_seen")
-    assert spec.grace_period == 150_000 and spec.reduction_factor == 3.0
+    assert spec.base_config == str((REPO / "lm" / "configs" / "tiny.yaml").resolve())
+    assert (spec.metric.name, spec.metric.mode) == ("val_loss", "min")
+    s = spec.search
+    assert (s.algorithm, s.sampler, s.seed, s.max_concurrent_trials) == ("optuna", "tpe", 0, None)
+    assert (spec.scheduler.type, spec.scheduler.time_attr) == ("asha", "tokens_seen")
+    assert spec.scheduler.grace_period == 150_000 and spec.scheduler.reduction_factor == 3.0
     assert spec.num_samples == 8
-    assert spec.cpu == "auto" and spec.gpu == 0  # threads per trial measured at run time
-    assert spec.max_tokens == 1_800_000 and spec.total_tokens == 1_800_000
-    assert spec.divergence_loss == 10.0
-    assert spec.num_to_keep == 2 and spec.max_failures == 2
+    assert (
+        spec.resources_per_trial.cpu == "auto" and spec.resources_per_trial.gpu == 0
+    )  # threads per trial measured at run time
+    assert spec.stop.max_tokens == 1_800_000 and spec.total_tokens == 1_800_000
+    assert spec.stop.divergence_loss == 10.0
+    assert spec.checkpoint.num_to_keep == 2 and spec.max_failures == 2
     assert spec.swept_params == ["optimizer.lr", "optimizer.warmup_iters", "data.batch_size"]
-    lr = spec.params["optimizer.lr"]
+    lr = spec.parameters["optimizer.lr"]
     assert (lr.distribution, lr.min, lr.max) == ("log_uniform_values", 1.0e-4, 3.0e-2)
-    warmup = spec.params["optimizer.warmup_iters"]
+    warmup = spec.parameters["optimizer.warmup_iters"]
     assert (warmup.distribution, warmup.min, warmup.max) == ("int_uniform", 5, 50)
-    assert spec.params["data.batch_size"].distribution == "values"
-    assert spec.params["data.batch_size"].values == [16, 32, 64]
-    assert spec.params["model.d_model"].distribution == "value"
-    assert spec.params["model.d_model"].values == [128]
-    assert not spec.params["model.d_model"].swept
-    assert spec.params["train.eval_interval_tokens"].values == [150_000]
+    assert spec.parameters["data.batch_size"].distribution == "values"
+    assert spec.parameters["data.batch_size"].values == [16, 32, 64]
+    assert spec.parameters["model.d_model"].distribution == "value"
+    assert spec.parameters["model.d_model"].value == 128
+    assert not spec.parameters["model.d_model"].swept
+    assert spec.parameters["train.eval_interval_tokens"].value == 150_000
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,13 +160,13 @@ def test_param_space_uniform_quniform_and_grid(tmp_path):
 
 def test_trial_config_applies_constants_and_stop_settings():
     spec = load_space(LR_SWEEP)
-    assert spec.base_config.model.d_model == 128 and spec.base_config.train.eval_interval_tokens == 250_000
+    assert spec.base.model.d_model == 128 and spec.base.train.eval_interval_tokens == 250_000
     config = spec.trial_config({})
     assert config.model.d_model == 128  # constant from the space
     assert config.train.eval_interval_tokens == 150_000  # constant from the space (base says 250k)
     assert config.train.max_tokens == 1_800_000  # stop.max_tokens (base says 3M)
     assert config.train.divergence_loss == 10.0
-    assert config.optimizer.lr == spec.base_config.optimizer.lr  # not sampled: the base value
+    assert config.optimizer.lr == spec.base.optimizer.lr  # not sampled: the base value
 
 
 def test_trial_config_applies_sampled_values_and_rounds_integer_fields():
@@ -185,27 +194,27 @@ def test_trial_config_rejects_an_invalid_combination():
 def test_set_top_level_and_nested():
     spec = load_space(LR_SWEEP, sets=["num_samples=3", "search.seed=7", "stop.max_tokens=1e6"])
     assert spec.num_samples == 3
-    assert spec.seed == 7
-    assert spec.max_tokens == 1_000_000 and spec.trial_config({}).train.max_tokens == 1_000_000
-    assert spec.algorithm == "optuna" and spec.sampler == "tpe"  # untouched siblings stay
+    assert spec.search.seed == 7
+    assert spec.stop.max_tokens == 1_000_000 and spec.trial_config({}).train.max_tokens == 1_000_000
+    assert spec.search.algorithm == "optuna" and spec.search.sampler == "tpe"  # untouched siblings stay
     # New nested mappings are created on the way.
     spec = load_space(LR_SWEEP, sets=["scheduler.type=fifo"])
-    assert spec.scheduler == "fifo" and spec.grace_period == 150_000
+    assert spec.scheduler.type == "fifo" and spec.scheduler.grace_period == 150_000
 
 
 def test_set_parameter_attribute():
     sets = ["parameters.optimizer.lr.max=1e-2", "parameters.data.batch_size.values=[8]"]
     spec = load_space(LR_SWEEP, sets=sets)
-    assert spec.params["optimizer.lr"].max == 1e-2
-    assert spec.params["optimizer.lr"].min == 1e-4
-    assert spec.params["data.batch_size"].values == [8]
+    assert spec.parameters["optimizer.lr"].max == 1e-2
+    assert spec.parameters["optimizer.lr"].min == 1e-4
+    assert spec.parameters["data.batch_size"].values == [8]
     assert "data.batch_size" not in spec.swept_params  # a single choice is not swept
 
 
 def test_set_config_field_becomes_a_constant():
     spec = load_space(LR_SWEEP, sets=["train.compile=true", "model.num_layers=3"])
-    assert spec.params["train.compile"].distribution == "value"
-    assert spec.params["train.compile"].values == [True]
+    assert spec.parameters["train.compile"].distribution == "value"
+    assert spec.parameters["train.compile"].value is True
     config = spec.trial_config({})
     assert config.train.compile is True and config.model.num_layers == 3
     assert "train.compile" not in spec.swept_params
@@ -213,7 +222,7 @@ def test_set_config_field_becomes_a_constant():
 
 def test_set_does_not_modify_the_file(tmp_path):
     path = tmp_path / "lr.yaml"
-    text = LR_SWEEP.read_text().replace("configs/tiny.yaml", str(REPO / "configs" / "tiny.yaml"))
+    text = LR_SWEEP.read_text().replace("configs/tiny.yaml", str(REPO / "lm" / "configs" / "tiny.yaml"))
     path.write_text(text)
     load_space(path, sets=["num_samples=2"])
     assert path.read_text() == text
@@ -388,6 +397,73 @@ def test_missing_space_file(tmp_path):
     assert str(path) in str(info.value)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The spec as data: saved as run, read back; documented keys
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_saved_space_reads_back_equal(tmp_path, path):
+    """The experiment directory keeps the space as run (after --set); --resume reads it from there."""
+    spec = load_space(path, sets=["num_samples=3", "optimizer.grad_clip=null", "search.seed=5"])
+    saved = tmp_path / "exp" / "sweep_space.yaml"  # another directory: base_config must be absolute
+    saved.parent.mkdir()
+    saved.write_text(yaml.safe_dump({**spec.to_dict(), "name": "renamed"}, sort_keys=False))
+    again = load_space(saved)
+    assert again.name == "renamed" and again.base_config == spec.base_config
+    again.name, again.source = spec.name, spec.source
+    assert again == spec
+
+
+def test_grid_space_reads_back_equal(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+        search: {algorithm: grid}
+        parameters:
+          optimizer.lr: {distribution: grid, values: [1.0e-3, 1.0e-2]}
+          optimizer.grad_clip: {value: null}
+        """,
+    )
+    spec = load_space(path)
+    data = spec.to_dict()
+    assert data["num_samples"] == 1 and data["parameters"]["optimizer.lr"]["distribution"] == "values"
+    assert space.parse_space(yaml.safe_load(yaml.safe_dump(data)), spec.source) == spec
+
+
+def test_constants_null_and_explicit(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+        parameters:
+          optimizer.grad_clip: {value: null}
+          model.d_model: {distribution: value, value: 64}
+          model.num_heads: {values: [2]}
+          optimizer.lr: {distribution: uniform, min: 0.001, max: 0.01}
+        """,
+    )
+    spec = load_space(path)
+    config = spec.trial_config({})
+    assert config.optimizer.grad_clip is None and config.model.d_model == 64
+    assert spec.swept_params == ["optimizer.lr"]
+    bad = _write(tmp_path, "parameters:\n  model.d_model: {distribution: value}\n", "bad.yaml")
+    with pytest.raises(SpaceError, match=r"parameters\.model\.d_model\.value: required"):
+        load_space(bad)
+
+
+@pytest.mark.parametrize("metric", [Key.val_loss, Key.best_val_loss, Key.train_loss])
+def test_metric_names_are_record_keys(tmp_path, metric):
+    spec = load_space(_write(tmp_path, f"metric: {{name: {metric}, goal: min}}\n"))
+    assert spec.metric.name == metric and type(spec.metric.name) is str and spec.metric.mode == "min"
+
+
+def test_every_key_of_a_space_is_documented():
+    classes = [SweepSpec, space.Metric, space.Search, space.Scheduler, space.Resources, space.Stop]
+    for cls in [*classes, space.Checkpoint, space.Param]:
+        docs = field_docs(cls)
+        assert set(docs) == {f.name for f in dataclasses.fields(cls)}, cls
+
+
 def test_base_config_resolves_next_to_the_space_file(tmp_path, small_corpus):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "base.yaml").write_text(
@@ -400,10 +476,10 @@ def test_base_config_resolves_next_to_the_space_file(tmp_path, small_corpus):
     text = "base_config: configs/base.yaml\nparameters:\n  optimizer.lr: {values: [0.001, 0.01]}\n"
     path = _write(spaces, text)
     spec = load_space(path)
-    assert spec.base_config_path == (tmp_path / "configs" / "base.yaml").resolve()
+    assert spec.base_config == str((tmp_path / "configs" / "base.yaml").resolve())
     # Relative data paths become absolute (trials run in their own working directory).
-    assert spec.base_config.data.train_path == str((tmp_path / "configs" / "train.npy").resolve())
-    assert spec.base_config.data.val_path == str((tmp_path / "configs" / "val.npy").resolve())
+    assert spec.base.data.train_path == str((tmp_path / "configs" / "train.npy").resolve())
+    assert spec.base.data.val_path == str((tmp_path / "configs" / "val.npy").resolve())
 
 
 # ---------------------------------------------------------------------------------------------------------

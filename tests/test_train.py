@@ -525,3 +525,31 @@ def test_evaluation_does_not_compile(make_config):
     loss = evaluate(model, val, starts, config, torch.device("cpu"), contextlib.nullcontext)
     assert math.isfinite(loss)
     assert counters["stats"]["unique_graphs"] == compiled  # a no-grad graph would be a second compile
+
+
+def test_train_step_is_one_clipped_adamw_step_at_the_given_lr():
+    """The step the loop, sweeps.placement and the benchmarks share, against the same step written out."""
+    from lm.train import train_step
+
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=50, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    reference = TransformerLM(vocab_size=50, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randint(0, 50, (4, 8)), torch.randint(0, 50, (4, 8))
+    opt, ref_opt = AdamW(model.parameters(), lr=0.5), AdamW(reference.parameters(), lr=0.5)
+
+    loss, grad_norm = train_step(model, opt, x, y, lr=1e-2, grad_clip=0.1)
+
+    ref_loss = reference(x, y)
+    ref_loss.backward()
+    grads = [p.grad for p in reference.parameters()]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    for g in grads:
+        g.mul_(min(1.0, 0.1 / (float(norm) + 1e-6)))
+    for group in ref_opt.param_groups:
+        group["lr"] = 1e-2
+    ref_opt.step()
+    assert loss.item() == ref_loss.item() and float(grad_norm) == pytest.approx(float(norm), rel=1e-5)
+    assert all(g["lr"] == 1e-2 for g in opt.param_groups)
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -4,7 +4,7 @@
 
 When the checkpoint named by the second argument is being written, the process truncates the temporary
 file to half of the bytes written so far (as if the rest never reached the disk) and kills itself with
-SIGKILL, before the fsync and the rename: no Python cleanup code runs. Used by tests/test_reliability.py.
+SIGKILL, before the fsync and the rename: no Python cleanup code runs. Used by tests/test_faults.py.
 """
 
 from __future__ import annotations
