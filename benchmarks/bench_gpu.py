@@ -51,7 +51,7 @@ def throughput(steps: int, batch: int, smoke: bool = False) -> None:
     y = torch.randint(0, MODEL.vocab_size, (batch, MODEL.context_length), device=device)
     rows = []
     no_compile = lambda m: m  # noqa: E731
-    low = None if smoke else torch.bfloat16  # no bf16 on this CPU: it runs 50-80x slower than fp32
+    low = None if smoke else torch.bfloat16  # no bf16 on a CPU without bf16 units: many times slower than fp32
     for name, dtype, compile_fn in (
         ("fp32 (tf32)", None, no_compile),
         ("bf16", low, no_compile),
@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("part", choices=("throughput", "sharing"))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=128)
-    # 8M tokens: about 30 s alone at the 300k tokens/s target, about 80 s for each of four sharing trials.
+    # 8M tokens per trial: long enough to measure sharing, short enough for a 15-minute GPU budget.
     ap.add_argument("--tokens", type=lambda s: int(float(s.replace("_", ""))), default=8_000_000)
     ap.add_argument("--share", type=float, default=0.25)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, fp32: check the script without a GPU")

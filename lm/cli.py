@@ -64,7 +64,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if not self.overrides:
             return super().parse_args(args, namespace)
         parsed, rest = self.parse_known_args(args, namespace)
-        from lm.config import parse_override_args  # here: lm.config itself imports InputError from this module
+        from lm.config import parse_override_args  # here: lm.config imports InputError from this module (via lm.fields)
 
         parsed.overrides = parse_override_args(rest)
         return parsed

@@ -38,6 +38,7 @@ from sweeps.space import SweepSpec, load_space  # noqa: E402
 SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"
 """The shipped search spaces (package data): `--space lr_sweep.yaml` finds them from any directory."""
 DEFAULT_SPACE = "lr_sweep.yaml"
+SET_HELP = "override the space (search.seed=1, stop.max_tokens=1e6) or fix a config field (train.compile=true)"
 
 
 class SweepInputError(InputError):
@@ -84,13 +85,7 @@ def build_parser() -> cli.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
     ap.add_argument("--num-samples", type=int, help="override num_samples")
     ap.add_argument("--max-concurrent", type=int, help="override search.max_concurrent_trials")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the space (search.seed=1, stop.max_tokens=1e6) or fix a config field (train.compile=true)",
-    )
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     ap.add_argument(
         "--allocator",
         default="auto",

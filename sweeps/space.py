@@ -18,7 +18,7 @@ parameters:                             # keys are dotted config paths (lm/confi
   model.d_model: {value: 128}
 ```
 `SweepSpec` mirrors this layout, one dataclass per section with a docstring per key. It is read by the same
-machinery as the training config (`lm.config.build`: unknown keys, types, choices), then `parse_space` checks
+machinery as the training config (`lm.fields.build`: unknown keys, types, choices), then `parse_space` checks
 what depends on several keys. Every error is a `SpaceError` whose one-line message names the file, the key and
 what was expected.
 """
@@ -39,7 +39,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from lm.cli import InputError, find_config
-from lm.config import UNSET, Config, ConfigError, build, coerce, dump, field_paths, field_type
+from lm.config import Config, field_paths, field_type
+from lm.fields import UNSET, ConfigError, build, coerce, dump
 from lm.record import Key
 
 Goal = Literal["minimize", "maximize", "min", "max"]

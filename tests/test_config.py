@@ -17,14 +17,13 @@ from lm.config import (
     ModelConfig,
     OptimizerConfig,
     TrainConfig,
-    coerce,
     config_help,
-    field_docs,
     field_paths,
     field_type,
     parse_override_args,
 )
 from lm.data import TOKEN_DTYPES
+from lm.fields import field_docs
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "lm" / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("*.yml"))
@@ -170,50 +169,6 @@ def test_replace_returns_a_copy():
     changed = base.replace({"optimizer.lr": 1e-4})
     assert changed.optimizer.lr == 1e-4
     assert base.optimizer.lr == OptimizerConfig().lr
-
-
-@pytest.mark.parametrize(
-    "value, annotation, expected",
-    [
-        ("2e6", int, 2_000_000),
-        (2e6, int, 2_000_000),
-        ("-3", int, -3),
-        ("1_000", int, 1000),
-        ("3e-4", float, 3e-4),
-        (3, float, 3.0),
-        ("YES", bool, True),
-        ("0", bool, False),
-        ("~", int | None, None),
-        ("none", float | None, None),
-        (None, str | None, None),
-        (5, str, "5"),
-    ],
-)
-def test_coerce_accepts(value, annotation, expected):
-    result = coerce(value, annotation, "here")
-    assert result == expected and type(result) is type(expected)
-
-
-@pytest.mark.parametrize(
-    "value, annotation",
-    [
-        ("2.5", int),
-        (2.5, int),
-        (True, int),
-        ("abc", int),
-        ("abc", float),
-        (True, float),
-        ("maybe", bool),
-        (1, bool),
-        (None, int),
-        ("null", int),
-        ([1], str),
-        (True, str),
-    ],
-)
-def test_coerce_rejects(value, annotation):
-    with pytest.raises(ConfigError, match="here"):
-        coerce(value, annotation, "here")
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm.config import field_docs
+from lm.fields import field_docs
 from lm.record import Key
 from sweeps import space
 from sweeps.space import SpaceError, SweepSpec, load_space, param_space
