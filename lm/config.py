@@ -270,6 +270,7 @@ class Config:
         yield "optimizer.warmup_iters", f"an integer in [0, total steps = {self.total_steps})", warmup_ok
         divergence_ok = t.divergence_loss is None or t.divergence_loss > 0
         yield "train.divergence_loss", "a positive number or null", divergence_ok
+        yield "train.seed", "an integer in [0, 2**64) (torch and numpy seeds)", 0 <= t.seed < 2**64
         yield (
             "data.val_path",
             "a validation file when data.train_path is set",

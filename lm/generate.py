@@ -28,6 +28,9 @@ from lm.model import TransformerLM
 from lm.stories import EOT_TOKEN, builtin_data_path
 from lm.tokenizer import ByteTokenizer, load_tokenizer
 
+SEED_LIMIT = 2**64
+"""torch.Generator seeds are 64-bit."""
+
 
 class GenerateError(InputError):
     """Bad generation input: a sampling setting out of range, or no usable tokenizer (one-line message)."""
@@ -75,7 +78,11 @@ def generate(
         if greedy:
             next_id = int(torch.argmax(logits))
         else:
-            probs = _nucleus(torch.softmax(logits / temperature, dim=-1), top_p)
+            # Shifted so that the top logit is 0, and divided by a temperature no smaller than the dtype's
+            # smallest normal number (a smaller one rounds to 0): a tiny temperature then sends the other logits
+            # to -inf (probability 0), never a logit to inf or NaN.
+            scale = max(temperature, torch.finfo(logits.dtype).tiny)
+            probs = _nucleus(torch.softmax((logits - logits.max()) / scale, dim=-1), top_p)
             if generator is not None and probs.device != generator.device:
                 probs = probs.to(generator.device)
             next_id = int(torch.multinomial(probs, 1, generator=generator))
@@ -179,10 +186,9 @@ def run(args: argparse.Namespace) -> str:
         raise GenerateError(f"--top-p: expected a number in [0, 1], got {args.top_p}")
     if args.max_new_tokens < 0:
         raise GenerateError(f"--max-new-tokens: expected an integer >= 0, got {args.max_new_tokens}")
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as e:
-        raise GenerateError(f"--device: {' '.join(str(e).split())}") from None
+    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
+        raise GenerateError(f"--seed: expected an integer in [0, 2**64), got {args.seed}")
+    device = resolve_device(args.device, "--device")  # one line for a device this machine lacks
     model, config = load_model(args.checkpoint, device)
     tokenizer = find_tokenizer(config, args.meta)
     eot = getattr(tokenizer, "eot_token", None)

@@ -289,7 +289,8 @@ def prepare(
     cut at a safe position; the tokenizer is trained on the training text only (``vocab_size`` tokens,
     ``special_tokens`` included) unless ``tokenizer_dir`` provides one. If ``out_dir`` already holds the
     outputs of the same inputs and arguments, nothing is written (unless ``force``). Raises
-    :class:`PrepareError` for bad input.
+    :class:`PrepareError` for bad input (an empty special token, an output directory that cannot be created
+    or written, ...) before any work; an OSError later is the machine's (a full disk).
     """
     out_dir = Path(out_dir)
     specials = list(dict.fromkeys(special_tokens))
@@ -299,8 +300,12 @@ def prepare(
         val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else float(val_fraction)
         if not 0.0 < val_fraction < 1.0:
             raise PrepareError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PrepareError(f"{out_dir}: exists and is not a directory")
+    if "" in specials:
+        raise PrepareError("--special-token: expected a non-empty string, got ''")
+    try:  # before any work: an output directory that cannot be made is bad input, not a failure mid-run
+        cli.check_output_dir(out_dir, "--out")
+    except InputError as e:
+        raise PrepareError(str(e)) from None
 
     sources = {"train": inspect_text_file(input_path)}
     if val_input is not None:

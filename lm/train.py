@@ -31,6 +31,7 @@ import torch
 from lm import cli
 from lm.checkpoint import (
     CheckpointError,
+    check_resumable,
     is_training_state,
     load_model_state,
     read_checkpoint,
@@ -38,6 +39,7 @@ from lm.checkpoint import (
 )
 from lm.config import Config
 from lm.data import BatchSampler, open_tokens, read_meta, validation_batches, validation_starts
+from lm.fields import ConfigError
 from lm.metrics import RunLogger
 from lm.model import TransformerLM, compile_layers, count_parameters
 from lm.optim import AdamW, clip_gradients
@@ -54,15 +56,48 @@ Autocast = Callable[[], AbstractContextManager]
 # ---- device, precision and data ----
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda if available, else mps, else cpu; anything else is passed to torch.device."""
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
+    """ "auto" -> cuda if available, else mps, else cpu; anything else must be a torch device this machine has.
+
+    Raises ConfigError "FIELD: expected ..., got NAME (why)" for a string torch does not parse ("banana"), a
+    device this torch build or machine lacks ("cuda" on a CPU-only build), or an index past the last device.
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        why = "not a torch device"
+    else:
+        why = _missing_device(device)
+        if why is None:
+            return device
+    raise ConfigError(
+        f'{field}: expected "auto", "cpu", "cuda", "cuda:N" or "mps" (one this machine has), got {name!r} ({why})'
+    )
+
+
+def _missing_device(device: torch.device) -> str | None:
+    """Why this machine cannot run on `device`, or None when it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        if (device.index or 0) >= count:
+            return f"this machine has {count} CUDA device{'s' if count > 1 else ''}: cuda:0 to cuda:{count - 1}"
+        return None
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return None if mps is not None and mps.is_available() else "MPS is not available here"
+    backend = getattr(torch, device.type, None)  # xpu and the like: torch.xpu.is_available()
+    available = backend is not None and getattr(backend, "is_available", lambda: False)()
+    return None if available else f"no {device.type} device here"
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -202,8 +237,11 @@ class TrainState:
     def restore(self, saved: dict[str, Any], source: str | Path, tokens_per_step: int) -> None:
         """Continue from `saved`: a training state (bit for bit) or a CS336 checkpoint (weights, optimizer, step).
 
-        Raises CheckpointError naming `source` when the weights or optimizer do not fit this model.
+        `saved` comes from `read_checkpoint`, which checked the type of every entry. Raises CheckpointError
+        naming `source` and the field when one that resuming needs is missing (`check_resumable`), or when the
+        weights or optimizer do not fit this model.
         """
+        check_resumable(saved, source)
         try:
             load_model_state(self.model, saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -301,13 +339,22 @@ class Run:
 def setup(config: Config, reporter: Reporter | None = None, resume_from: str | Path | None = None) -> Run:
     """Check the inputs, then build model, optimizer and sampler (restored from `resume_from` if given).
 
-    Raises DataError/ConfigError/CheckpointError for bad inputs before any model is built.
+    Raises an InputError for bad inputs before any model is built: DataError (token files, meta.json),
+    ConfigError (a device this machine lacks), CheckpointError (`resume_from`), or an output or checkpoint
+    directory that cannot be created and written.
     """
     t = config.train
     device = resolve_device(t.device)
     amp_dtype = resolve_precision(t.precision, device)
+    out_dir = cli.check_output_dir(t.out_dir, "train.out_dir")
+    if t.checkpoint_dir is not None:
+        ckpt_dir = cli.check_output_dir(t.checkpoint_dir, "train.checkpoint_dir")
+    else:
+        ckpt_dir = cli.check_output_dir(out_dir / "checkpoints", "train.out_dir")
     train_tokens, val_tokens, meta = open_data(config)
     saved = read_checkpoint(resume_from) if resume_from is not None else None
+    if saved is not None:
+        check_resumable(saved, resume_from)  # here: a missing field fails before the model is built
 
     if t.num_threads is not None:
         torch.set_num_threads(t.num_threads)
@@ -326,7 +373,6 @@ def setup(config: Config, reporter: Reporter | None = None, resume_from: str | P
     if t.compile:
         compile_layers(model)  # compiles on the first step, timed as compile_time_s
 
-    out_dir = Path(t.out_dir)
     logger = RunLogger(out_dir, config.total_steps, t.progress, t.tensorboard)
     logger.info(
         f"model {count_parameters(model):,} parameters ({count_parameters(model, False):,} non-embedding) | "
@@ -346,7 +392,7 @@ def setup(config: Config, reporter: Reporter | None = None, resume_from: str | P
         val_starts=validation_starts(len(val_tokens), config.data.val_windows, config.model.context_length),
         entropy_floor=meta.get("entropy_floor_nats"),  # the built-in corpus knows its exact source entropy
         logger=logger,
-        ckpt_dir=Path(t.checkpoint_dir) if t.checkpoint_dir is not None else out_dir / "checkpoints",
+        ckpt_dir=ckpt_dir,
         reporter=reporter,
         resumed_at_tokens=state.tokens_seen if saved is not None else None,
     )

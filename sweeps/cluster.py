@@ -10,11 +10,17 @@ import time
 from pathlib import Path
 
 from lm.cli import InputError
+from sweeps import ray_compat
 from sweeps.space import SweepSpec
 
 
 class ResourceError(InputError):
     """A cluster address, allocator or storage path that cannot work (one-line message)."""
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster a sweep joins: `--address`, else RAY_ADDRESS; None when it starts a local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def allocator_env(allocator: str, local: bool) -> dict[str, str]:
@@ -45,27 +51,32 @@ def allocator_env(allocator: str, local: bool) -> dict[str, str]:
 
 def start_ray(address: str | None, num_cpus: int | None, worker_env: dict[str, str] | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray of `num_cpus` CPUs; Ray's
-    worker processes get the variables in `worker_env` (for example `allocator_env`'s)."""
-    import ray
-
+    worker processes get the variables in `worker_env` (for example `allocator_env`'s). A local Ray listens on
+    127.0.0.1 only (nothing on the network can reach it); joining a cluster keeps Ray's own settings (token
+    authentication on)."""
     address = address or os.environ.get("RAY_ADDRESS")
     common = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     if worker_env:
         common["runtime_env"] = {"env_vars": worker_env}
-    if address:
-        try:
-            ray.init(address=address, **common)
-        except Exception as e:  # Ray raises ConnectionError, AuthenticationError, RuntimeError...
-            hint = ""
-            if "auth" in type(e).__name__.lower() or "token" in str(e).lower():
-                hint = (
-                    " (Ray 2.60 clusters use token authentication: set RAY_AUTH_MODE=token and the token, "
-                    "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as on the head node)"
-                )
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ResourceError(f"--address {address}: cannot connect to the Ray cluster: {first}{hint}") from None
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **common)
+    if not address:
+        with ray_compat.loopback_only():
+            import ray
+
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **common)
+        return
+    import ray
+
+    try:
+        ray.init(address=address, **common)
+    except Exception as e:  # Ray raises ConnectionError, AuthenticationError, RuntimeError...
+        hint = ""
+        if "auth" in type(e).__name__.lower() or "token" in str(e).lower():
+            hint = (
+                " (Ray 2.60 clusters use token authentication: set RAY_AUTH_MODE=token and the token, "
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, as on the head node)"
+            )
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ResourceError(f"--address {address}: cannot connect to the Ray cluster: {first}{hint}") from None
 
 
 def check_storage_shared(storage: str, exp_dir: Path) -> None:
@@ -136,3 +147,49 @@ def cpus_per_trial(spec: SweepSpec, gpu: float, num_cpus: int | None) -> float:
         flush=True,
     )
     return float(placement.threads)
+
+
+def check_local_resources(spec: SweepSpec, num_cpus: int | None) -> None:
+    """Before a local Ray starts: refuse a `resources_per_trial` that it could never give a trial (more CPUs
+    than `num_cpus`, default this machine's, or a GPU this machine lacks): Ray would wait forever.
+
+    "auto" always fits. Raises ResourceError naming the space file and the key.
+    """
+    cpu, gpu = spec.resources_per_trial.cpu, spec.resources_per_trial.gpu
+    available = num_cpus or os.cpu_count() or 1
+    if cpu != "auto" and cpu > available:
+        whose = "--num-cpus" if num_cpus else "this machine's CPU count"
+        raise ResourceError(
+            f"{spec.source}: resources_per_trial.cpu: expected at most {available} (the local Ray's CPUs: {whose}) "
+            f'or "auto", got {cpu:g}'
+        )
+    if gpu != "auto" and gpu > 0:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpu > gpus:
+            expected = "0 (torch.cuda.is_available() is False here)" if gpus == 0 else f"at most {gpus} (GPUs here)"
+            raise ResourceError(f'{spec.source}: resources_per_trial.gpu: expected {expected} or "auto", got {gpu:g}')
+
+
+def unschedulable_warning(spec: SweepSpec, cpu: float, gpu: float, nodes: list[dict]) -> str | None:
+    """A warning line when no alive node in `nodes` (as `ray.nodes()` lists them) has `cpu` CPUs and `gpu` GPUs
+    for one trial; None when one has. A cluster's autoscaler may still add such a node, so this never refuses."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    if any(r.get("CPU", 0) >= cpu and r.get("GPU", 0) >= gpu for r in alive):
+        return None
+    largest = max(alive, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    return (
+        f"warning: {spec.source}: resources_per_trial: a trial asks {cpu:g} CPU + {gpu:g} GPU, and no node of the "
+        f"Ray cluster has that now (largest: {largest.get('CPU', 0):g} CPU + {largest.get('GPU', 0):g} GPU): "
+        "trials wait until such a node joins (autoscaling), else forever"
+    )
+
+
+def warn_if_unschedulable(spec: SweepSpec, cpu: float, gpu: float) -> None:
+    """Print `unschedulable_warning` for the running Ray, if any."""
+    import ray
+
+    warning = unschedulable_warning(spec, cpu, gpu, ray.nodes())
+    if warning:
+        print(warning, flush=True)

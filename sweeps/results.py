@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from lm.checkpoint import CheckpointError
 from lm.record import Key
 from sweeps import layout
 from sweeps.plots import make_plots
@@ -38,12 +39,24 @@ def write_results(sweep: Sweep, out_dir: str | Path) -> Path:
     sweep.history.to_parquet(out / layout.HISTORY_PARQUET, index=False)
     make_plots(sweep, out / layout.PLOTS_DIR)
     best_dir = out / layout.BEST_DIR
-    if sweep.best_checkpoint is not None:
+    config, _ = _best_config(sweep)
+    if config is not None:
         best_dir.mkdir(exist_ok=True)
-        (best_dir / "config.yaml").write_text(yaml.safe_dump(sweep.best_config, sort_keys=False))
+        (best_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (best_dir / "checkpoint.txt").write_text(str(sweep.best_checkpoint) + "\n")
     (out / layout.SUMMARY_FILE).write_text(summary_markdown(sweep, out))
     return out
+
+
+def _best_config(sweep: Sweep) -> tuple[dict[str, Any] | None, str | None]:
+    """(the best trial's config, None), or (None, why its checkpoint cannot be read): a damaged or missing best
+    checkpoint is reported, never a reason to lose the rest of the results."""
+    if sweep.best_checkpoint is None:
+        return None, None
+    try:
+        return sweep.best_config, None
+    except CheckpointError as e:
+        return None, str(e)
 
 
 def continue_command(sweep: Sweep, out: Path) -> str:
@@ -69,16 +82,12 @@ def summary_markdown(sweep: Sweep, out: Path, top: int = 10) -> str:
         ]
         for key in sweep.swept:
             lines.append(f"- `{key}` = {_fmt(best[key])}")
-        lines += [
-            "",
-            f"Checkpoint: `{sweep.best_checkpoint}`",
-            "",
-            "Continue training it:",
-            "",
-            "```",
-            continue_command(sweep, out),
-            "```",
-        ]
+        lines += ["", f"Checkpoint: `{sweep.best_checkpoint}`", ""]
+        _, problem = _best_config(sweep)
+        if problem is not None:
+            lines.append(f"**This checkpoint cannot be read**: {problem}. The trial cannot be continued from it.")
+        elif sweep.best_checkpoint is not None:
+            lines += ["Continue training it:", "", "```", continue_command(sweep, out), "```"]
     lines += ["", f"## Top {min(top, len(df))}", ""]
     cols = ["trial_id", "status", *sweep.swept, sweep.best_column, sweep.final_column, Key.tokens_seen]
     lines.append(_markdown_table(ranked_trials(sweep).head(top), cols))

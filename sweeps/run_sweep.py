@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from sweeps import ray_compat
@@ -26,19 +28,43 @@ from lm import cli  # noqa: E402
 from lm.cli import InputError  # noqa: E402
 from sweeps.cluster import (  # noqa: E402
     allocator_env,
+    check_local_resources,
     check_storage_shared,
+    cluster_address,
     cpus_per_trial,
     gpus_per_trial,
     start_ray,
+    warn_if_unschedulable,
 )
 from sweeps.console import make_callback  # noqa: E402
-from sweeps.layout import DEFAULT_STORAGE, META_FILE, SPEC_FILE, STATE_FILE  # noqa: E402
+from sweeps.layout import (  # noqa: E402
+    DEFAULT_STORAGE,
+    META_FILE,
+    NAME_RULE,
+    SPEC_FILE,
+    STATE_FILE,
+    numbered_name,
+    valid_name,
+)
+from sweeps.lock import driver_lock  # noqa: E402
 from sweeps.space import SweepSpec, load_space  # noqa: E402
+from sweeps.trial_status import status_callback  # noqa: E402
 
 SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"
 """The shipped search spaces (package data): `--space lr_sweep.yaml` finds them from any directory."""
 DEFAULT_SPACE = "lr_sweep.yaml"
 SET_HELP = "override the space (search.seed=1, stop.max_tokens=1e6) or fix a config field (train.compile=true)"
+URI_FILESYSTEMS = {
+    "s3": "S3FileSystem",
+    "gs": "GcsFileSystem",
+    "gcs": "GcsFileSystem",
+    "hdfs": "HadoopFileSystem",
+    "viewfs": "HadoopFileSystem",
+    "abfs": "AzureFileSystem",
+    "abfss": "AzureFileSystem",
+}
+"""The remote storage Ray reaches through pyarrow (`FileSystem.from_uri`): URI scheme -> the pyarrow.fs class
+that serves it. (file:// and local:// are local directories.)"""
 
 
 class SweepInputError(InputError):
@@ -61,6 +87,17 @@ def find_space(name: str | Path) -> Path:
     return path
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a local Ray of 0 or -1 CPUs cannot start)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> cli.ArgumentParser:
     ap = cli.ArgumentParser(
         prog="python sweeps/run_sweep.py",
@@ -81,7 +118,7 @@ def build_parser() -> cli.ArgumentParser:
         default=None,
         help="existing Ray cluster: 'auto', host:port or ray://host:10001 (also RAY_ADDRESS)",
     )
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
     ap.add_argument("--num-samples", type=int, help="override num_samples")
     ap.add_argument("--max-concurrent", type=int, help="override search.max_concurrent_trials")
@@ -102,11 +139,42 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def storage_root(text: str) -> tuple[str, Path | None]:
-    """(storage path for Ray, local directory or None for a URI); local paths are made absolute and must
-    be writable."""
-    if "://" in text:
+    """(storage path for Ray, local directory or None for a remote URI), creating nothing.
+
+    A local path or a file:// URI becomes an absolute directory; any other URI must name a filesystem that the
+    installed pyarrow serves (s3://, gs://, hdfs://, abfs://, ...). Checked without contacting any server: a
+    wrong bucket or credentials show only when Ray writes. Raises SweepInputError.
+    """
+    scheme, sep, _ = text.partition("://")
+    if sep and scheme in ("file", "local"):
+        uri = urllib.parse.urlsplit(text)
+        if uri.netloc not in ("", "localhost"):
+            raise SweepInputError(
+                f"{text}: --storage-path: expected a {scheme}:// URI of this machine, got host {uri.netloc!r}"
+            )
+        text = urllib.parse.unquote(uri.path)
+    elif sep:
+        if scheme not in URI_FILESYSTEMS:
+            known = ", ".join(f"{s}://" for s in URI_FILESYSTEMS)
+            raise SweepInputError(
+                f"{text}: --storage-path: expected a local directory or a URI pyarrow opens (file://, {known}), "
+                f"got the scheme {scheme!r}"
+            )
+        import pyarrow.fs
+
+        try:
+            getattr(pyarrow.fs, URI_FILESYSTEMS[scheme])  # an ImportError when pyarrow was built without it
+        except (ImportError, AttributeError):
+            raise SweepInputError(
+                f"{text}: --storage-path: this pyarrow is built without {URI_FILESYSTEMS[scheme]} ({scheme}://)"
+            ) from None
         return text, None
     path = Path(text).expanduser().resolve()
+    return str(path), path
+
+
+def check_writable(path: Path) -> None:
+    """Create the storage directory `path` if needed and write a file in it; raises SweepInputError if it cannot."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -114,28 +182,42 @@ def storage_root(text: str) -> tuple[str, Path | None]:
         probe.unlink()
     except OSError as e:
         raise SweepInputError(f"{path}: --storage-path is not writable ({e.strerror})") from None
-    return str(path), path
 
 
 def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
-    """Everything that can fail on bad input, before Ray: (spec, storage, local experiment dir, name)."""
+    """Everything that can fail on bad input, before Ray: (spec, storage, local experiment dir, name).
+
+    Checks the command line first (the name, the storage URI), then the space, the resources a trial asks for
+    (on a local Ray), and last the storage directory, which is the only thing created here. Raises InputError.
+    """
+    if args.name is not None and not valid_name(args.name):  # the rule of the space file's name: too
+        raise SweepInputError(f"--name: expected {NAME_RULE}, got {args.name!r}")
+    if args.resume and not args.name:
+        raise SweepInputError("--resume needs --name (the sweep to continue)")
+    storage, local_root = storage_root(args.storage_path)
     sets = list(args.set)
     if args.num_samples is not None:
         sets.append(f"num_samples={args.num_samples}")
     if args.max_concurrent is not None:
         sets.append(f"search.max_concurrent_trials={args.max_concurrent}")
-    storage, local_root = storage_root(args.storage_path)
     results_root = local_root or (Path.cwd() / DEFAULT_STORAGE).resolve()
+    local_ray = cluster_address(args.address) is None
     if args.resume:
-        if not args.name:
-            raise SweepInputError("--resume needs --name (the sweep to continue)")
         exp_dir = results_root / args.name
         saved = exp_dir / SPEC_FILE
         if local_root is not None and not (exp_dir.is_dir() and saved.is_file()):
             raise SweepInputError(f"{exp_dir}: --resume: no sweep named '{args.name}' there")
         spec = load_space(saved if saved.is_file() else find_space(args.space), sets)
+        if local_ray:
+            check_local_resources(spec, args.num_cpus)
+        if local_root is not None:
+            check_writable(local_root)
         return spec, storage, exp_dir, args.name
     spec = load_space(find_space(args.space), sets)
+    if local_ray:
+        check_local_resources(spec, args.num_cpus)
+    if local_root is not None:
+        check_writable(local_root)
     name = args.name or spec.name
     exp_dir = results_root / name
     if local_root is not None and (exp_dir / META_FILE).exists():
@@ -143,9 +225,9 @@ def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
             raise SweepInputError(f"{exp_dir}: a sweep named '{name}' exists: --resume it or choose another --name")
         # Running the same space again without --name starts a new sweep beside the old one.
         n = 2
-        while (results_root / f"{spec.name}-{n}" / META_FILE).exists():
+        while (results_root / numbered_name(spec.name, n) / META_FILE).exists():
             n += 1
-        name = f"{spec.name}-{n}"
+        name = numbered_name(spec.name, n)
         exp_dir = results_root / name
         print(f"a sweep named '{spec.name}' exists in {results_root}: this one is '{name}'", flush=True)
     # The data every trial reads: open and check it now (and build the built-in corpus once, here).
@@ -217,16 +299,50 @@ def repair_pruned_checkpoints(exp_path: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Validate, start Ray, run (or resume) the sweep, write its results; returns the exit code."""
     # One answer to "local Ray or a cluster?" for the allocator, start_ray and the CPU count.
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(args.address)
     worker_env = allocator_env(args.allocator, local=address is None)
     spec, storage, exp_dir, name = prepare(args)
-    if not args.resume:
-        save_spec(spec, exp_dir, name, [sys.executable, *sys.argv])
-    import ray
+    with driver_lock(exp_dir):  # one driver per sweep, released by the kernel even after a SIGKILL
+        if args.resume and "://" not in storage:
+            check_resumable(exp_dir)
+        if not args.resume:
+            save_spec(spec, exp_dir, name, [sys.executable, *sys.argv])
+        return _run_locked(args, spec, storage, exp_dir, name, address, worker_env)
 
+
+def check_resumable(exp_dir: Path) -> None:
+    """Before Ray starts: Ray's saved experiment state is there and whole, else one line saying what is lost
+    (continuing the sweep) and what is not (its trials' results, which the project's own files keep)."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    problem = "missing" if not states else None
+    if states:
+        try:
+            if not isinstance(json.loads(states[-1].read_text()).get("trial_data"), list):
+                problem = f"damaged ({states[-1].name} has no trial list)"
+        except (OSError, ValueError, AttributeError):
+            problem = f"damaged ({states[-1].name} is not whole JSON)"
+    if problem is not None:
+        raise SweepInputError(
+            f"{exp_dir}: --resume: Ray's experiment state (experiment_state-*.json) is {problem}, so the sweep "
+            f"cannot be continued; its trials' results are kept: python sweeps/inspect_sweep.py "
+            f"{shlex.quote(str(exp_dir))} rebuilds them"
+        )
+
+
+def _run_locked(
+    args: argparse.Namespace,
+    spec: SweepSpec,
+    storage: str,
+    exp_dir: Path,
+    name: str,
+    address: str | None,
+    worker_env: dict[str, str],
+) -> int:
     from sweeps.results import load_sweep, print_table, write_results
 
     start_ray(address, args.num_cpus, worker_env)
+    import ray  # after start_ray: a local Ray's settings are read when Ray is first imported
+
     if worker_env:
         print(f"trial workers preload {worker_env['LD_PRELOAD']} (--allocator system: glibc malloc)", flush=True)
     try:
@@ -249,11 +365,13 @@ def make_tuner(args: argparse.Namespace, spec: SweepSpec, storage: str, exp_dir:
     import ray
     from ray import tune
 
+    from sweeps.console import make_stall_watch
     from sweeps.space import param_space, scheduler, search_algorithm
     from sweeps.trainable import train_trial
 
     gpu = gpus_per_trial(spec)
     cpu = cpus_per_trial(spec, gpu, args.num_cpus if local else None)
+    warn_if_unschedulable(spec, cpu, gpu)  # a cluster may grow: warn, never refuse
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, spec=spec, threads=max(1, int(cpu)), gpu=gpu, exp_dir=str(exp_dir)),
         {"cpu": cpu, "gpu": gpu},
@@ -295,25 +413,41 @@ def make_tuner(args: argparse.Namespace, spec: SweepSpec, storage: str, exp_dir:
                 checkpoint_score_order=spec.metric.mode,
             ),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=[make_callback(spec, args.quiet)],
+            callbacks=[make_callback(spec, args.quiet), make_stall_watch(spec), status_callback(exp_dir)],
             verbose=0,
         ),
     )
 
 
+def resume_command(args: argparse.Namespace, name: str, exp_dir: Path) -> str:
+    """The shell command (POSIX quoting) that resumes this sweep: the command as invoked (`lm-sweep`, or
+    `python PATH/run_sweep.py`), its name, its storage (absolute when local) and where Ray runs."""
+    invoked = sys.argv[0] if sys.argv else ""
+    command = ["python", invoked] if Path(invoked).name == "run_sweep.py" else ["lm-sweep"]
+    storage = args.storage_path if storage_root(args.storage_path)[1] is None else str(exp_dir.parent)
+    command += ["--name", name, "--storage-path", storage]
+    if args.address:
+        command += ["--address", args.address]
+    if args.num_cpus:
+        command += ["--num-cpus", str(args.num_cpus)]
+    if args.allocator != "auto":
+        command += ["--allocator", args.allocator]
+    return shlex.join([*command, "--resume"])
+
+
 def exit_code(sweep, spec: SweepSpec, args: argparse.Namespace, name: str, exp_dir: Path) -> int:
     """130 (with the resume command) when trials are unfinished, 1 when some errored, else 0."""
-    unfinished = int(sweep.dataframe["status"].isin(["pending", "running", "paused"]).sum())
+    # No trial has reported yet (interrupted early): an empty table, without a status column.
+    status = sweep.dataframe["status"] if "status" in sweep.dataframe else sweep.dataframe.index.to_series()
+    unfinished = int(status.isin(["pending", "running", "paused"]).sum())
     unfinished += max(0, spec.expected_trials - len(sweep.dataframe))  # never started
     if unfinished:
-        command = "lm-sweep" if Path(sys.argv[0]).name == "lm-sweep" else "python sweeps/run_sweep.py"
         print(
-            f"interrupted with {unfinished} trials unfinished: resume with\n  {command} "
-            f"--name {name} --storage-path {args.storage_path} --resume",
+            f"interrupted with {unfinished} trials unfinished: resume with\n  {resume_command(args, name, exp_dir)}",
             flush=True,
         )
         return 130
-    errors = int((sweep.dataframe["status"] == "error").sum())
+    errors = int((status == "error").sum())
     print(f"results: {exp_dir} (summary.md, results.csv, plots/)", flush=True)
     return 1 if errors else 0
 

@@ -12,6 +12,7 @@ resources_per_trial: {cpu: auto, gpu: 0}  # cpu: threads per trial or "auto" (me
 stop: {max_tokens: 2_000_000, divergence_loss: 10.0}
 checkpoint: {num_to_keep: 2}
 max_failures: 2
+stall: {warn_after_s: 60, timeout_s: null}   # silent trials: warn; fail and retry after timeout_s
 parameters:                             # keys are dotted config paths (lm/config.py)
   optimizer.lr: {distribution: log_uniform_values, min: 1.0e-4, max: 3.0e-2}
   data.batch_size: {values: [16, 32, 64]}
@@ -42,6 +43,7 @@ from lm.cli import InputError, find_config
 from lm.config import Config, field_paths, field_type
 from lm.fields import UNSET, ConfigError, build, coerce, dump
 from lm.record import Key
+from sweeps.layout import NAME_RULE, valid_name
 
 Goal = Literal["minimize", "maximize", "min", "max"]
 MetricName = Literal[Key.val_loss, Key.best_val_loss, Key.train_loss]
@@ -128,6 +130,20 @@ class Checkpoint:
 
 
 @dataclass
+class Stall:
+    """Trials that stop reporting (a hung or stopped worker, a stuck filesystem): the driver watches each running
+    trial's silence against its own interval between reports."""
+
+    warn_after_s: float | None = 60.0
+    """One warning line when a running trial has reported nothing for 5x its longest interval between reports, and
+    at least this many seconds; null: no warnings."""
+    timeout_s: float | None = None
+    """A running trial silent for this many seconds (since its last report, or its start) is failed and retried
+    from its last checkpoint (max_failures); null: never. Set it well above the slowest evaluation interval and
+    the time to the first report (data, compile)."""
+
+
+@dataclass
 class Param:
     """One entry under `parameters`: how each trial sets one config field. Its keys' types depend on the field,
     so `parse_space` converts them and puts the entry in canonical form (distribution always set)."""
@@ -180,6 +196,8 @@ class SweepSpec:
     """Ray's checkpoints."""
     max_failures: int = 2
     """Restarts of a failed trial from its last checkpoint; -1: unlimited."""
+    stall: Stall = field(default_factory=Stall)
+    """Warning about, and failing, trials that stop reporting."""
     parameters: dict[str, Param] = field(default_factory=dict)
     """Dotted config paths (lm/config.py) and how each trial sets them; the rest comes from base_config."""
     source: str = field(default="<space>", init=False)
@@ -252,35 +270,51 @@ def load_space(path: str | Path, sets: list[str] | None = None) -> SweepSpec:
 
 def _apply_set(raw: dict[str, Any], item: str, src: str) -> None:
     """`num_samples=4`, `search.seed=1`, `parameters.optimizer.lr.max=1e-2`, or a config field
-    (`train.compile=true`), which becomes a constant parameter."""
+    (`train.compile=true`), which becomes a constant parameter. Raises SpaceError for a value that is not YAML,
+    an unknown key, or a section of the file on the way that is not a mapping."""
     key, eq, text = item.partition("=")
     if not eq:
         raise SpaceError(f"--set {item}: expected key=value")
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise SpaceError(f"--set {key}: expected a YAML value after '=', got {text!r} ({problem}{where})") from None
     head, _, rest = key.partition(".")
     if head == "parameters":
-        params = raw.setdefault("parameters", {}) or {}
-        raw["parameters"] = params
         param, _, attr = rest.rpartition(".")
-        if param not in params:
+        if param not in _mapping_at(raw, ["parameters"], src, item):
             raise SpaceError(
                 f"--set {item}: no parameter '{param}' in {src} (to fix a config field use --set {rest}=...)"
             )
-        params[param][attr] = value
+        _mapping_at(raw, ["parameters", param], src, item)[attr] = value
     elif head in (f.name for f in dataclasses.fields(SweepSpec) if f.init):
-        target = raw
         parts = key.split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise SpaceError(f"--set {item}: '{part}' is not a mapping in {src}")
-        target[parts[-1]] = value
+        _mapping_at(raw, parts[:-1], src, item)[parts[-1]] = value
     elif key in field_paths():
-        raw.setdefault("parameters", {})
-        raw["parameters"] = raw["parameters"] or {}
-        raw["parameters"][key] = {"value": value}
+        _mapping_at(raw, ["parameters"], src, item)[key] = {"value": value}
     else:
         raise SpaceError(f"--set {item}: unknown key '{key}' (a sweep setting or a config field such as optimizer.lr)")
+
+
+def _mapping_at(raw: dict[str, Any], keys: list[str], src: str, item: str) -> dict[str, Any]:
+    """The mapping at `keys` inside `raw` (`["parameters", "optimizer.lr"]`), created where absent or null.
+
+    Raises SpaceError "SRC: KEY: expected a mapping ..." where the file holds something else there."""
+    target = raw
+    for depth, k in enumerate(keys, 1):
+        if target.get(k) is None:
+            target[k] = {}
+        target = target[k]
+        if not isinstance(target, dict):
+            where = ".".join(keys[:depth])
+            raise SpaceError(
+                f"{src}: {where}: expected a mapping for --set {item} to set a key in, got {target!r} "
+                f"('{k}' is not a mapping)"
+            )
+    return target
 
 
 def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None = None) -> SweepSpec:
@@ -347,8 +381,8 @@ def _validate(spec: SweepSpec) -> None:
     def fail(key: str, expected: str, got: Any) -> typing.NoReturn:
         raise SpaceError(f"{src}: {key}: expected {expected}, got {got!r}")
 
-    if not spec.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        fail("name", "letters, digits, '-', '_' or '.'", spec.name)
+    if not valid_name(spec.name):  # the one rule for sweep names (sweeps/layout.py), also --name's
+        fail("name", NAME_RULE, spec.name)
     for key, value in (
         ("search.max_concurrent_trials", spec.search.max_concurrent_trials),
         ("scheduler.grace_period", spec.scheduler.grace_period),
@@ -356,6 +390,8 @@ def _validate(spec: SweepSpec) -> None:
         ("stop.max_tokens", spec.stop.max_tokens),
         ("stop.divergence_loss", spec.stop.divergence_loss),
         ("checkpoint.num_to_keep", spec.checkpoint.num_to_keep),
+        ("stall.warn_after_s", spec.stall.warn_after_s),
+        ("stall.timeout_s", spec.stall.timeout_s),
     ):
         if value is not None and not value > 0:
             fail(key, "a positive number", value)
@@ -456,20 +492,36 @@ def _base_type(annotation: Any) -> Any:
 
 
 def _check_params_build(spec: SweepSpec) -> None:
-    """Every constant, every listed value and both ends of every range must give a valid config.
+    """The sweep-wide settings and the constants must give a valid config, and so must every listed value and
+    both ends of every range with the constants applied.
 
-    Catches e.g. a batch size choice that makes max_tokens shorter than one step, before Ray starts.
+    Each failure names the key that is wrong: `stop` when the base config rejects it, the first constant whose
+    value makes the config invalid (alone or with the constants before it), or the swept value. Catches e.g. a
+    batch size choice that makes max_tokens shorter than one step, before Ray starts.
     """
+
+    def fail(key: str, value: Any, e: ConfigError) -> typing.NoReturn:
+        got = f"value {value!r} gives" if key != "stop" else "gives"
+        raise SpaceError(f"{spec.source}: {key}: {got} an invalid config: {str(e).split(': ', 1)[-1]}") from None
+
+    try:
+        base = spec.trial_base()
+    except ConfigError as e:
+        fail("stop", None, e)
+    constants: dict[str, Any] = {}
     for path, p in spec.parameters.items():
-        probes = {"value": [p.value], "values": p.values}.get(p.distribution, [p.min, p.max])
-        for v in probes:
+        if p.distribution == "value":
+            constants[path] = p.value
+            try:
+                base.replace(constants, spec.source)
+            except ConfigError as e:
+                fail(f"parameters.{path}", p.value, e)
+    for path, p in spec.parameters.items():
+        for v in {"value": [], "values": p.values}.get(p.distribution, [p.min, p.max]):
             try:
                 spec.trial_config({path: v})
             except ConfigError as e:
-                raise SpaceError(
-                    f"{spec.source}: parameters.{path}: value {v!r} gives an invalid config: "
-                    f"{str(e).split(': ', 1)[-1]}"
-                ) from None
+                fail(f"parameters.{path}", v, e)
 
 
 # ---------------------------------------------------------------------------------------------------

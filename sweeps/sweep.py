@@ -8,8 +8,10 @@
     s.best_checkpoint  # path of the best trial's best training-state checkpoint (state.pt)
 
 The metric columns are named after the sweep's metric: `best_val_loss` and `final_val_loss` for a val_loss
-sweep, `best_train_loss` for a train_loss one. `load_sweep` reads Ray's experiment through `sweeps.ray_compat`
-into `TrialRecord`s; `build_sweep` works from those alone (no Ray).
+sweep, `best_train_loss` for a train_loss one. `load_sweep` reads a local sweep from plain files only (Ray's
+per-trial params.json/result.json/error.txt and the driver's trial_status.jsonl, through `sweeps.ray_compat`):
+nothing in the directory is unpickled, and a lost or damaged Ray experiment state loses no results.
+`build_sweep` works from the `TrialRecord`s alone.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import pandas as pd
 from lm.cli import InputError
 from lm.record import Key
 from sweeps import layout
-from sweeps.ray_compat import NODE_ID, TIME_TOTAL_S, TRAINING_ITERATION, TrialRecord, read_trials
+from sweeps.ray_compat import NODE_ID, TIME_TOTAL_S, TRAINING_ITERATION, TrialRecord, read_trial_files, read_trials
+from sweeps.trial_status import read_status
 
 
 class NotASweepError(InputError):
@@ -118,9 +121,12 @@ def load_sweep(path: str | Path) -> Sweep:
     path_str = str(local) if local is not None else str(path)
     if local is not None and not (local / layout.META_FILE).is_file():
         raise NotASweepError(f"{path}: not a sweep directory (no {layout.META_FILE})")
-    meta = json.loads((local / layout.META_FILE).read_text()) if local is not None else {}
-    records = read_trials(path_str, meta.get("metric", Key.val_loss), meta.get("mode", "min"))
-    return build_sweep(local or path_str, meta, records)
+    metric, mode = Key.val_loss, "min"
+    if local is None:  # URI storage: through Ray's experiment state
+        return build_sweep(path_str, {}, read_trials(path_str, metric, mode))
+    meta = json.loads((local / layout.META_FILE).read_text())
+    metric, mode = meta.get("metric", metric), meta.get("mode", mode)
+    return build_sweep(local, meta, read_trial_files(local, metric, mode, read_status(local)))
 
 
 def build_sweep(path: Path | str, meta: dict[str, Any], records: list[TrialRecord]) -> Sweep:

@@ -2,25 +2,32 @@
 
 trial config = the sweep's base config + the sampled overrides. Each evaluation of the loop writes a
 training-state checkpoint and calls our reporter, which hands metrics and checkpoint to `tune.report`.
-A restarted trial (worker killed, driver resumed) continues from `tune.get_checkpoint()`.
+A restarted trial (worker killed, driver resumed) continues from `tune.get_checkpoint()`, or, when that state is
+damaged, from the trial's newest checkpoint that loads (`resume_state`).
 Only `tune.*` calls are used here: `ray.train.report` fails a Tune trial in Ray 2.60.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 # Heavy imports at module level: with reused actors they are paid once per worker, not once per trial.
+import pyarrow.fs
 import ray
 import torch  # noqa: F401
 from ray import tune
 
+from lm.checkpoint import CheckpointError, read_checkpoint
 from lm.config import Config
 from lm.train import train
+from sweeps.console import CHECKPOINT_NOTE
 from sweeps.layout import STATE_FILE, TRIAL_RUN_DIR
 from sweeps.ray_compat import NODE_ID
 from sweeps.space import SweepSpec
@@ -101,18 +108,20 @@ def _run_trial(
     config = trial_config(spec, sampled, trial_dir / TRIAL_RUN_DIR, gpu, threads, checkpoint_dir)
     _check_data_here(config)
 
-    resume_from = None
+    resume_from, note = None, None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        # Copy the state out: the checkpoint directory may be a temporary download that goes away.
-        with checkpoint.as_directory() as d:
-            resume_from = checkpoint_dir / "resume_state.pt"
-            shutil.copyfile(Path(d) / STATE_FILE, resume_from)
+        resume_from, note = resume_state(checkpoint, checkpoint_dir / "resume_state.pt")
+        if note is not None:
+            _log_line(Path(config.train.out_dir), f"damaged checkpoint: {note}")
 
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], checkpoint_path: Path | None) -> None:
+        nonlocal note
         metrics = {**metrics, NODE_ID: node_id}
+        if note is not None:  # the driver prints it (sweeps/console.py): once, with the first report
+            metrics[CHECKPOINT_NOTE], note = note, None
         if checkpoint_path is None:
             tune.report(metrics)
             return
@@ -125,6 +134,78 @@ def _run_trial(
         return  # the loop already reported the diverged result
     if summary.final_val_loss is None:
         raise RuntimeError(f"trial ended without an evaluation: {summary}")
+
+
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_\d+$")  # Ray's checkpoint_000007: the index orders them
+
+
+def resume_state(checkpoint: tune.Checkpoint, dest: Path) -> tuple[Path | None, str | None]:
+    """The training state a restarted trial continues from, copied to `dest`, and a line saying what was damaged.
+
+    Ray names the trial's latest checkpoint. When its state does not load (truncated, empty or missing: a worker
+    killed while Ray copied it into storage, a full disk), the trial's other `checkpoint_*` directories beside it
+    in storage are tried, newest first, through the same filesystem (local or a URI): returns (dest, "STORAGE
+    FILE: what is wrong: resuming from OTHER instead"). When none loads, returns (None, a line saying so): the
+    trial starts from scratch, since its config and seed give the same run again (only later), where failing
+    would lose the trial after max_failures identical retries. Returns (dest, None) when Ray's state loads.
+    A storage error other than a missing file propagates (the trial fails and Ray retries it, as before);
+    so does CheckpointError, naming the damaged file, when the other checkpoints cannot be listed.
+    """
+    fs, named = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    damaged = _fetch_state(fs, named, dest)
+    if damaged is None:
+        return dest, None
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(posixpath.dirname(named)))
+    except OSError as e:
+        raise CheckpointError(f"{damaged} (the trial's other checkpoints could not be listed: {e})") from None
+    others = sorted(
+        (i.path.rstrip("/") for i in infos if i.type == pyarrow.fs.FileType.Directory),
+        key=posixpath.basename,
+        reverse=True,
+    )
+    skipped = []
+    for path in others:
+        if path == named or not CHECKPOINT_DIR_RE.match(posixpath.basename(path)):
+            continue
+        if _fetch_state(fs, path, dest) is None:
+            also = f" (also damaged: {', '.join(skipped)})" if skipped else ""
+            return dest, f"{damaged}: resuming from {_display(fs, path)}/{STATE_FILE} instead{also}"
+        skipped.append(posixpath.basename(path))
+    dest.unlink(missing_ok=True)
+    also = f" (also damaged: {', '.join(skipped)})" if skipped else ""
+    return None, f"{damaged}, and no other checkpoint of this trial loads{also}: starting the trial from scratch"
+
+
+def _fetch_state(fs: pyarrow.fs.FileSystem, checkpoint_path: str, dest: Path) -> str | None:
+    """Copy the checkpoint's state file to `dest` (a private local copy: a remote checkpoint is downloaded, and
+    storage may prune the checkpoint while the trial runs) and check that it loads.
+
+    Returns None when it does, else "STORAGE FILE: what is wrong", naming the file in storage, not the copy.
+    """
+    src = f"{checkpoint_path}/{STATE_FILE}"
+    try:
+        with fs.open_input_stream(src) as stream, open(dest, "wb") as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+    except FileNotFoundError:
+        return f"{_display(fs, src)}: missing"
+    try:
+        read_checkpoint(dest)  # read once more by the loop's setup: a restore pays it twice, next to training
+    except CheckpointError as e:
+        return f"{_display(fs, src)}: {str(e).removeprefix(f'{dest}: ')}"
+    return None
+
+
+def _display(fs: pyarrow.fs.FileSystem, path: str) -> str:
+    """A path on `fs` as the user knows it: a local path, or a URI (s3://bucket/...)."""
+    return path if isinstance(fs, pyarrow.fs.LocalFileSystem) else f"{fs.type_name}://{path}"
+
+
+def _log_line(run_dir: Path, message: str) -> None:
+    """A line in the trial's train.log (before the loop opens it), stamped as the loop stamps its own."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as log:
+        log.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
 
 def _check_data_here(config: Config) -> None:

@@ -123,3 +123,60 @@ def test_sweep_on_two_node_cluster_survives_losing_the_worker_node(tmp_path, sma
             state = read_checkpoint(state_file)
             model = TransformerLM.from_config(Config.from_dict(state["config"]).model)
             load_model_state(model, state["model"])
+
+
+_LISTENERS_SCRIPT = """
+import json, os, sys
+from sweeps.cluster import start_ray
+import ray
+
+start_ray(None, 1)
+ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
+
+def descendants(root):
+    children = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+inodes = set()
+for pid in descendants(os.getpid()):
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        pass
+listening = []
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(table).read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+            listening.append(fields[1].split(":")[0])
+ray.shutdown()
+print(json.dumps(listening))
+"""
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # /proc/net hex
+
+
+def test_a_local_ray_listens_on_loopback_only(ray_tmp):
+    """Every server a local sweep's Ray starts (GCS, raylet, object manager, workers) binds 127.0.0.1."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    out = subprocess.run(
+        [sys.executable, "-c", _LISTENERS_SCRIPT], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    listening = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(listening) >= 4, listening  # the driver, GCS, raylet and a worker at least
+    assert set(listening) <= LOOPBACK, listening  # no 00000000 (every interface), no network address

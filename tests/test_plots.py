@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from support.recorded import record_experiment, records
+from support.recorded import record_experiment
 
 from sweeps.plots import make_plots
-from sweeps.sweep import build_sweep
+from sweeps.ray_compat import read_trial_files
+from sweeps.sweep import build_sweep, load_sweep
+from sweeps.trial_status import read_status
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,8 +20,9 @@ def recorded(tmp_path_factory, small_corpus):
 
 @pytest.mark.parametrize("metric", ["val_loss", "train_loss"])
 def test_every_plot_is_a_png_named_for_what_it_holds(recorded, tmp_path, metric):
-    meta = {**json.loads((recorded / "sweep_meta.json").read_text()), "metric": metric}
-    sweep = build_sweep(recorded, meta, records(recorded, metric))
+    sweep = load_sweep(recorded)
+    sweep.meta["metric"] = metric  # the plots follow the sweep's metric (its best checkpoint does not matter here)
+    sweep = build_sweep(recorded, sweep.meta, read_trial_files(recorded, metric, "min", read_status(recorded)))
     written = make_plots(sweep, tmp_path)
     assert sorted(p.name for p in written) == sorted(
         ["val_loss_vs_tokens.png", f"best_{metric}_vs_lr.png", "best_so_far.png"]
@@ -31,12 +32,11 @@ def test_every_plot_is_a_png_named_for_what_it_holds(recorded, tmp_path, metric)
 
 
 def test_two_swept_parameters_add_parallel_coordinates(recorded, tmp_path):
-    meta = {**json.loads((recorded / "sweep_meta.json").read_text()), "swept": ["optimizer.lr", "train.seed"]}
-    sweep = build_sweep(recorded, meta, records(recorded))
+    sweep = load_sweep(recorded)
+    sweep.meta["swept"] = ["optimizer.lr", "train.seed"]
     sweep.dataframe["train.seed"] = [0, 1, 2, 3]
     assert "parallel_coordinates.png" in {p.name for p in make_plots(sweep, tmp_path)}
 
 
 def test_an_empty_sweep_writes_no_plot(recorded, tmp_path):
-    meta = json.loads((recorded / "sweep_meta.json").read_text())
-    assert make_plots(build_sweep(recorded, meta, []), tmp_path) == []
+    assert make_plots(build_sweep(recorded, load_sweep(recorded).meta, []), tmp_path) == []

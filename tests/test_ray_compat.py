@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_installed_ray_is_in_the_tested_range():
 
 def test_a_foreign_experiment_state_is_a_loud_error(tmp_path):
     (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [["x", {"other": 1}]]}')
-    with pytest.raises(RayLayoutError, match="does not hold trial checkpoint managers"):
+    with pytest.raises(RayLayoutError, match="does not hold trials with relative_logdir and last_result"):
         recorded_latest_checkpoints(tmp_path)
     assert recorded_latest_checkpoints(tmp_path / "missing") == {}
 
@@ -73,3 +74,16 @@ def test_trials_and_recorded_checkpoints_of_a_real_tune_run(tmp_path):
     latest = recorded_latest_checkpoints(exp)
     assert sorted(latest) == sorted(Path(r.path).name for r in records)
     assert all((path / STATE_FILE).read_text() == "2" for path in latest.values())
+
+
+def test_loopback_only_sets_ray_for_one_start_and_restores(monkeypatch):
+    from ray._private import ray_constants
+
+    from sweeps.ray_compat import LOOPBACK_ENV, loopback_only
+
+    (key,) = LOOPBACK_ENV
+    monkeypatch.delenv(key, raising=False)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with loopback_only():
+        assert os.environ[key] == "0" and ray_constants.ENABLE_RAY_CLUSTER is False
+    assert key not in os.environ and ray_constants.ENABLE_RAY_CLUSTER == before
