@@ -17,7 +17,6 @@ This module imports only the standard library at the top, so that every module c
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -112,27 +111,4 @@ def find_config(name: str | Path, *dirs: str | Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    return path
-
-
-def check_output_dir(path: str | Path, field: str) -> Path:
-    """Check, without creating anything, that `path` is or can be created as a directory this process may write.
-
-    Raises InputError "PATH: FIELD: expected a directory that can be created and written (WHY)" when `path`
-    or one of its existing ancestors is not a directory, or the directory (or, when it does not exist yet,
-    its nearest existing ancestor) is not writable. Returns `path` as a Path.
-    """
-    path = Path(path).expanduser()
-    probe = path.absolute()
-    while not probe.exists() and probe != probe.parent:
-        if probe.is_symlink():  # a dangling link: mkdir would fail on it
-            break
-        probe = probe.parent
-    why = None
-    if not probe.is_dir():
-        why = f"{probe} is not a directory" if probe.exists() or probe.is_symlink() else f"{probe} does not exist"
-    elif not os.access(probe, os.W_OK | os.X_OK):
-        why = f"{probe} is not writable"
-    if why is not None:
-        raise InputError(f"{path}: {field}: expected a directory that can be created and written ({why})")
     return path

@@ -12,8 +12,6 @@ runs and every sweep trial read the cache instead of the file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from lm.cli import InputError
+from lm.files import write_atomic
 
 # Token ids are stored unsigned; signed types are accepted for files written by other tools.
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
@@ -190,14 +189,7 @@ def _write_range_cache(key: str, entry: dict[str, Any]) -> None:
     known = dict(list(known.items())[-_RANGE_CACHE_ENTRIES:])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(known, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(known))
     except OSError:
         pass
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from lm import cli
 from lm.cli import InputError
+from lm.files import check_output_dir, write_atomic
 from lm.tokenizer import (
     Tokenizer,
     find_chunk_boundaries,
@@ -231,19 +232,6 @@ def encode_to_npy(
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fingerprint(meta: dict[str, Any]) -> Any:
     """What decides the outputs: the arguments and the inputs' hashes (not their paths)."""
     sources = meta.get("sources", {})
@@ -303,7 +291,7 @@ def prepare(
     if "" in specials:
         raise PrepareError("--special-token: expected a non-empty string, got ''")
     try:  # before any work: an output directory that cannot be made is bad input, not a failure mid-run
-        cli.check_output_dir(out_dir, "--out")
+        check_output_dir(out_dir, "--out")
     except InputError as e:
         raise PrepareError(str(e)) from None
 
@@ -393,7 +381,8 @@ def prepare(
             "files": {"train": "train.npy", "val": "val.npy"},
         }
     )
-    _write_json_atomic(out_dir / "meta.json", meta)  # last: its presence marks a finished run
+    # Last: its presence marks a finished run.
+    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 
 

@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import regex
+
+from lm.files import write_atomic
 
 #: GPT-2's pre-tokenization pattern (as used by CS336).
 GPT2_PRETOKEN_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -89,19 +90,6 @@ def _token_to_str(token: bytes) -> str:
 def _str_to_token(text: str) -> bytes:
     table = _unicode_to_bytes()
     return bytes(table[c] for c in text)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in its directory: no reader sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by the owner only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -520,9 +508,9 @@ class Tokenizer:
     def save(self, vocab_filepath: str | os.PathLike, merges_filepath: str | os.PathLike) -> None:
         """Write ``vocab.json`` and ``merges.txt`` atomically, in the format :meth:`from_files` reads."""
         vocab = {_token_to_str(tok): i for i, tok in sorted(self.vocab.items())}
-        _write_atomic(Path(vocab_filepath), json.dumps(vocab, ensure_ascii=False, indent=0).encode("utf-8"))
+        write_atomic(vocab_filepath, json.dumps(vocab, ensure_ascii=False, indent=0).encode("utf-8"))
         lines = ["#version: 0.2"] + [f"{_token_to_str(a)} {_token_to_str(b)}" for a, b in self.merges]
-        _write_atomic(Path(merges_filepath), ("\n".join(lines) + "\n").encode("utf-8"))
+        write_atomic(merges_filepath, ("\n".join(lines) + "\n").encode("utf-8"))
 
     # -- encoding ----------------------------------------------------------------------------------
 

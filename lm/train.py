@@ -40,6 +40,7 @@ from lm.checkpoint import (
 from lm.config import Config
 from lm.data import BatchSampler, open_tokens, read_meta, validation_batches, validation_starts
 from lm.fields import ConfigError
+from lm.files import check_output_dir
 from lm.metrics import RunLogger
 from lm.model import TransformerLM, compile_layers, count_parameters
 from lm.optim import AdamW, clip_gradients
@@ -237,11 +238,10 @@ class TrainState:
     def restore(self, saved: dict[str, Any], source: str | Path, tokens_per_step: int) -> None:
         """Continue from `saved`: a training state (bit for bit) or a CS336 checkpoint (weights, optimizer, step).
 
-        `saved` comes from `read_checkpoint`, which checked the type of every entry. Raises CheckpointError
-        naming `source` and the field when one that resuming needs is missing (`check_resumable`), or when the
-        weights or optimizer do not fit this model.
+        `saved` comes from `read_checkpoint`, which checked the type of every entry, and passed `check_resumable`
+        (`setup` checks both before building the model). Raises CheckpointError naming `source` when the weights
+        or optimizer do not fit this model.
         """
-        check_resumable(saved, source)
         try:
             load_model_state(self.model, saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -346,11 +346,11 @@ def setup(config: Config, reporter: Reporter | None = None, resume_from: str | P
     t = config.train
     device = resolve_device(t.device)
     amp_dtype = resolve_precision(t.precision, device)
-    out_dir = cli.check_output_dir(t.out_dir, "train.out_dir")
+    out_dir = check_output_dir(t.out_dir, "train.out_dir")
     if t.checkpoint_dir is not None:
-        ckpt_dir = cli.check_output_dir(t.checkpoint_dir, "train.checkpoint_dir")
+        ckpt_dir = check_output_dir(t.checkpoint_dir, "train.checkpoint_dir")
     else:
-        ckpt_dir = cli.check_output_dir(out_dir / "checkpoints", "train.out_dir")
+        ckpt_dir = check_output_dir(out_dir / "checkpoints", "train.out_dir")
     train_tokens, val_tokens, meta = open_data(config)
     saved = read_checkpoint(resume_from) if resume_from is not None else None
     if saved is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lm.config import Config
+from lm.files import write_atomic
 from lm.model import TransformerLM
 from lm.optim import AdamW
 from lm.stories import default_cache_root
@@ -120,9 +121,7 @@ def measure(config: Config, cpus: int | None = None, cache: Path | None = None) 
     known[key] = {k: v for k, v in asdict(placement).items() if k != "cached"}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, cache)  # a cache, not state: a lost race only costs a re-measurement
+        write_atomic(cache, json.dumps(known, indent=1))  # a cache, not state: a lost race costs a re-measurement
     except OSError:
         pass
     return placement

@@ -39,12 +39,12 @@ def write_results(sweep: Sweep, out_dir: str | Path) -> Path:
     sweep.history.to_parquet(out / layout.HISTORY_PARQUET, index=False)
     make_plots(sweep, out / layout.PLOTS_DIR)
     best_dir = out / layout.BEST_DIR
-    config, _ = _best_config(sweep)
+    config, problem = _best_config(sweep)  # reads the best checkpoint: once, for best/ and the summary
     if config is not None:
         best_dir.mkdir(exist_ok=True)
         (best_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (best_dir / "checkpoint.txt").write_text(str(sweep.best_checkpoint) + "\n")
-    (out / layout.SUMMARY_FILE).write_text(summary_markdown(sweep, out))
+    (out / layout.SUMMARY_FILE).write_text(_summary(sweep, out, problem))
     return out
 
 
@@ -65,6 +65,11 @@ def continue_command(sweep: Sweep, out: Path) -> str:
 
 
 def summary_markdown(sweep: Sweep, out: Path, top: int = 10) -> str:
+    """summary.md: counts, the best trial (and whether its checkpoint reads), the top `top` trials, errors."""
+    return _summary(sweep, out, _best_config(sweep)[1], top)
+
+
+def _summary(sweep: Sweep, out: Path, best_problem: str | None, top: int = 10) -> str:
     df = sweep.dataframe
     name = sweep.meta.get("name", Path(str(sweep.path)).name)
     lines = [f"# Sweep `{name}`", ""]
@@ -83,9 +88,8 @@ def summary_markdown(sweep: Sweep, out: Path, top: int = 10) -> str:
         for key in sweep.swept:
             lines.append(f"- `{key}` = {_fmt(best[key])}")
         lines += ["", f"Checkpoint: `{sweep.best_checkpoint}`", ""]
-        _, problem = _best_config(sweep)
-        if problem is not None:
-            lines.append(f"**This checkpoint cannot be read**: {problem}. The trial cannot be continued from it.")
+        if best_problem is not None:
+            lines.append(f"**This checkpoint cannot be read**: {best_problem}. The trial cannot be continued from it.")
         elif sweep.best_checkpoint is not None:
             lines += ["Continue training it:", "", "```", continue_command(sweep, out), "```"]
     lines += ["", f"## Top {min(top, len(df))}", ""]

@@ -304,13 +304,13 @@ def run(args: argparse.Namespace) -> int:
     spec, storage, exp_dir, name = prepare(args)
     with driver_lock(exp_dir):  # one driver per sweep, released by the kernel even after a SIGKILL
         if args.resume and "://" not in storage:
-            check_resumable(exp_dir)
+            check_experiment_state(exp_dir)
         if not args.resume:
             save_spec(spec, exp_dir, name, [sys.executable, *sys.argv])
         return _run_locked(args, spec, storage, exp_dir, name, address, worker_env)
 
 
-def check_resumable(exp_dir: Path) -> None:
+def check_experiment_state(exp_dir: Path) -> None:
     """Before Ray starts: Ray's saved experiment state is there and whole, else one line saying what is lost
     (continuing the sweep) and what is not (its trials' results, which the project's own files keep)."""
     states = sorted(exp_dir.glob("experiment_state-*.json"))
