@@ -366,7 +366,9 @@ def make_tuner(args: argparse.Namespace, spec: SweepSpec, storage: str, exp_dir:
     from ray import tune
 
     from sweeps.console import make_stall_watch
-    from sweeps.space import param_space, scheduler, search_algorithm
+    from sweeps.schedulers import scheduler
+    from sweeps.search import search_algorithm
+    from sweeps.space import param_space
     from sweeps.trainable import train_trial
 
     gpu = gpus_per_trial(spec)

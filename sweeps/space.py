@@ -44,13 +44,11 @@ from lm.config import Config, field_paths, field_type
 from lm.fields import UNSET, ConfigError, build, coerce, dump
 from lm.record import Key
 from sweeps.layout import NAME_RULE, valid_name
+from sweeps.schedulers import Scheduler, check_scheduler
+from sweeps.search import Search, check_search
 
 Goal = Literal["minimize", "maximize", "min", "max"]
 MetricName = Literal[Key.val_loss, Key.best_val_loss, Key.train_loss]
-Algorithm = Literal["optuna", "random", "grid"]
-Sampler = Literal["tpe", "random"]
-SchedulerType = Literal["asha", "fifo"]
-TimeAttr = Literal[Key.tokens_seen, Key.step, "training_iteration"]  # the last: Ray's count of reports
 DISTRIBUTIONS = ("log_uniform_values", "uniform", "q_uniform", "int_uniform", "values", "value")
 
 
@@ -71,34 +69,6 @@ class Metric:
     def mode(self) -> str:
         """Ray Tune's spelling of the goal: "min" or "max"."""
         return "min" if self.goal in ("minimize", "min") else "max"
-
-
-@dataclass
-class Search:
-    """How each trial's parameters are chosen."""
-
-    algorithm: Algorithm = "optuna"
-    """optuna (Bayesian, seeded), random (Tune's random search) or grid (every combination of 'values' axes)."""
-    sampler: Sampler = "tpe"
-    """Optuna's sampler: tpe or random."""
-    seed: int | None = 0
-    """Seed of the search: the same seed suggests the same trials in the same order; null: unseeded."""
-    max_concurrent_trials: int | None = None
-    """Trials running at once; null: as many as fit the CPUs (resources_per_trial)."""
-
-
-@dataclass
-class Scheduler:
-    """Early stopping of trials."""
-
-    type: SchedulerType = "asha"
-    """asha (stops the worse trials at each rung) or fifo (every trial runs to the end)."""
-    time_attr: TimeAttr = Key.tokens_seen.value
-    """ASHA's clock: tokens_seen (fair across batch sizes), step, or training_iteration (reports)."""
-    grace_period: int = 200_000
-    """Time, in time_attr units, every trial runs before ASHA may stop it."""
-    reduction_factor: float = 3.0
-    """ASHA keeps the best 1/reduction_factor of the trials at each rung (> 1)."""
 
 
 @dataclass
@@ -384,8 +354,6 @@ def _validate(spec: SweepSpec) -> None:
     if not valid_name(spec.name):  # the one rule for sweep names (sweeps/layout.py), also --name's
         fail("name", NAME_RULE, spec.name)
     for key, value in (
-        ("search.max_concurrent_trials", spec.search.max_concurrent_trials),
-        ("scheduler.grace_period", spec.scheduler.grace_period),
         ("num_samples", spec.num_samples),
         ("stop.max_tokens", spec.stop.max_tokens),
         ("stop.divergence_loss", spec.stop.divergence_loss),
@@ -395,8 +363,8 @@ def _validate(spec: SweepSpec) -> None:
     ):
         if value is not None and not value > 0:
             fail(key, "a positive number", value)
-    if not spec.scheduler.reduction_factor > 1:
-        fail("scheduler.reduction_factor", "a number > 1", spec.scheduler.reduction_factor)
+    check_search(spec, fail)
+    check_scheduler(spec, fail)
     cpu, gpu = spec.resources_per_trial.cpu, spec.resources_per_trial.gpu
     if cpu != "auto" and not cpu > 0:
         fail("resources_per_trial.cpu", 'a positive number of CPUs or "auto"', cpu)
@@ -548,42 +516,3 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
         elif p.distribution == "int_uniform":
             space[path] = tune.randint(p.min, p.max + 1)  # Tune's upper bound is exclusive
     return space
-
-
-def search_algorithm(spec: SweepSpec, max_concurrent: int | None = None):
-    """OptunaSearch (seeded TPE or random sampler) or Tune's seeded random/grid variant generator.
-
-    Tune applies `TuneConfig(max_concurrent_trials)` to Searchers only; the variant generator takes its
-    own `max_concurrent`, so the limit is given here for it.
-    """
-    search = spec.search
-    if search.algorithm == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = (
-            optuna.samplers.TPESampler(seed=search.seed)
-            if search.sampler == "tpe"
-            else optuna.samplers.RandomSampler(seed=search.seed)
-        )
-        return OptunaSearch(sampler=sampler)
-    from ray.tune.search import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent or 0)
-
-
-def scheduler(spec: SweepSpec):
-    """ASHA on `time_attr` up to the token budget (or FIFO: no early stopping)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    s = spec.scheduler
-    if s.type == "fifo":
-        return FIFOScheduler()
-    max_t = spec.total_tokens if s.time_attr == Key.tokens_seen else spec.trial_base().total_steps
-    return ASHAScheduler(
-        time_attr=s.time_attr,
-        max_t=max_t,
-        grace_period=min(s.grace_period, max_t),
-        reduction_factor=s.reduction_factor,
-    )

@@ -15,6 +15,8 @@ import yaml
 from lm.fields import field_docs
 from lm.record import Key
 from sweeps import space
+from sweeps.schedulers import Scheduler
+from sweeps.search import Search
 from sweeps.space import SpaceError, SweepSpec, load_space, param_space
 
 REPO = Path(__file__).resolve().parent.parent
@@ -458,7 +460,7 @@ def test_metric_names_are_record_keys(tmp_path, metric):
 
 
 def test_every_key_of_a_space_is_documented():
-    classes = [SweepSpec, space.Metric, space.Search, space.Scheduler, space.Resources, space.Stop]
+    classes = [SweepSpec, space.Metric, Search, Scheduler, space.Resources, space.Stop]
     for cls in [*classes, space.Checkpoint, space.Param]:
         docs = field_docs(cls)
         assert set(docs) == {f.name for f in dataclasses.fields(cls)}, cls
@@ -606,7 +608,7 @@ def test_search_algorithm_carries_the_concurrency_limit_for_every_algorithm(tmp_
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from sweeps.space import search_algorithm
+    from sweeps.search import search_algorithm
 
     for algorithm, params in (
         ("random", "optimizer.lr: {distribution: uniform, min: 0.001, max: 0.01}"),
