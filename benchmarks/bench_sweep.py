@@ -1,6 +1,7 @@
 """Where a CPU sweep's time goes: an 8-trial sweep of ~60 s trials, end to end.
 
     python benchmarks/bench_sweep.py [--trials 8] [--trial-tokens 1_400_000] [--cpus-per-trial 1] [--compile]
+                                     [--live] [--set tracking.wandb.project=bench ...]
 
 Runs the real driver (`sweeps/run_sweep.py`: local Ray, reused actors, FIFO so every trial runs its whole
 budget) on the built-in corpus with the tiny model, then prints: Ray start-up (init + shutdown, timed on
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="trials run with train.compile")
     ap.add_argument("--allocator", default="auto", help="run_sweep --allocator: auto (tcmalloc if installed), system")
     ap.add_argument("--eval-tokens", type=lambda s: int(float(s.replace("_", ""))), default=100_000)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run_sweep --set, e.g. tracking")
+    ap.add_argument("--live", action="store_true", help="without --quiet: per-result lines and the status line")
     args = ap.parse_args()
     import ray
 
@@ -75,9 +78,10 @@ def main() -> None:
                 str(tmp / "space.yaml"),
                 "--storage-path",
                 str(tmp / "out"),
-                "--quiet",
+                *([] if args.live else ["--quiet"]),
                 "--allocator",
                 args.allocator,
+                *[arg for item in args.set for arg in ("--set", item)],
             ]
         )
         driver_s = time.perf_counter() - t0

@@ -34,6 +34,7 @@ Ffn = Literal[FFNS]
 Attention = Literal[ATTENTIONS]
 TokenDtype = Literal[TOKEN_DTYPES]
 Precision = Literal["auto", "fp32", "bf16"]
+WandbMode = Literal["online", "offline", "disabled"]
 Progress = Literal["auto", "bar", "lines", "off"]
 
 
@@ -149,6 +150,11 @@ class TrainConfig:
     """Console output: "auto" (a progress bar in a terminal, plain lines otherwise), "bar", "lines", "off"."""
     tensorboard: bool = True
     """Write TensorBoard event files into out_dir/tb."""
+    wandb_project: str | None = None
+    """Log the run to this Weights & Biases project (needs the wandb extra: pip install -e ".[wandb]"); null: no W&B.
+    Sweeps set their W&B runs in the space file's tracking section instead."""
+    wandb_mode: WandbMode = "online"
+    """W&B mode: online, offline (local run files under out_dir/wandb; `wandb sync` uploads them) or disabled."""
 
 
 @dataclass

@@ -23,8 +23,16 @@ CSV_FIELDS = ["kind", *Key]
 class RunLogger:
     """Writes log and eval records of one run into `out_dir` and to the console."""
 
-    def __init__(self, out_dir: Path, total_steps: int, progress: str = "auto", tensorboard: bool = True):
+    def __init__(
+        self,
+        out_dir: Path,
+        total_steps: int,
+        progress: str = "auto",
+        tensorboard: bool = True,
+        wandb_run: Any = None,
+    ):
         self.out_dir = out_dir
+        self._wandb = wandb_run  # from open_wandb: rows go to it too, stepped by tokens_seen
         out_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(out_dir / "train.log", "a")  # noqa: SIM115 - closed in close()
         self._jsonl = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115
@@ -74,6 +82,8 @@ class RunLogger:
                 if key not in (Key.step, Key.tokens_seen) and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, global_step=record.tokens_seen)
             self._tb.flush()
+        if self._wandb is not None:
+            self._log_wandb(kind, metrics)
         if self._bar is not None:
             self._bar.n = record.step
             self._bar.set_postfix_str(_short(metrics), refresh=True)
@@ -81,6 +91,15 @@ class RunLogger:
                 self._bar.write(_line(kind, metrics), file=sys.stderr)
         else:
             self._log_line(kind, metrics)
+
+    def _log_wandb(self, kind: str, metrics: dict[str, Any]) -> None:
+        row = {f"{kind}/{k}": v for k, v in metrics.items() if k not in (Key.step, Key.tokens_seen)}
+        row = {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        try:
+            self._wandb.log({Key.tokens_seen.value: metrics[Key.tokens_seen], Key.step.value: metrics[Key.step], **row})
+        except Exception as e:  # a tracking failure never stops training: say so once, go on without it
+            self._wandb = None
+            self.info(f"warning: W&B logging failed ({e}): W&B is off for the rest of this run")
 
     def _log_line(self, kind: str, metrics: dict[str, Any]) -> None:
         line = _line(kind, metrics)
@@ -94,8 +113,34 @@ class RunLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception:  # the files are written; an upload that fails here is retried by `wandb sync`
+                pass
         for f in (self._log, self._jsonl, self._csv_file):
             f.close()
+
+
+def open_wandb(project: str, mode: str, out_dir: Path, config: dict[str, Any]) -> Any:
+    """A W&B run for one training run, its charts stepped by tokens_seen; its files go under out_dir/wandb.
+
+    Raises ConfigError naming the extra when wandb is not installed.
+    """
+    try:
+        import wandb
+    except ImportError:
+        from lm.fields import ConfigError
+
+        raise ConfigError(
+            f'train.wandb_project: expected the wandb package (pip install -e ".[wandb]"), got {project!r} '
+            f"with wandb not installed"
+        ) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, mode=mode, dir=str(out_dir), config=config, settings=wandb.Settings(silent=True))
+    run.define_metric(Key.tokens_seen.value)
+    run.define_metric("*", step_metric=Key.tokens_seen.value)
+    return run
 
 
 def _fmt(key: str, value: Any) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import random
 import sys
@@ -41,7 +42,7 @@ from lm.config import Config
 from lm.data import BatchSampler, open_tokens, read_meta, validation_batches, validation_starts
 from lm.fields import ConfigError
 from lm.files import check_output_dir
-from lm.metrics import RunLogger
+from lm.metrics import RunLogger, open_wandb
 from lm.model import TransformerLM, compile_layers, count_parameters
 from lm.optim import AdamW, clip_gradients
 from lm.record import Key, Record
@@ -352,6 +353,8 @@ def setup(config: Config, reporter: Reporter | None = None, resume_from: str | P
     else:
         ckpt_dir = check_output_dir(out_dir / "checkpoints", "train.out_dir")
     train_tokens, val_tokens, meta = open_data(config)
+    if t.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        open_wandb(t.wandb_project, t.wandb_mode, out_dir, {})  # raises the one-line ConfigError naming the extra
     saved = read_checkpoint(resume_from) if resume_from is not None else None
     if saved is not None:
         check_resumable(saved, resume_from)  # here: a missing field fails before the model is built
@@ -370,10 +373,15 @@ def setup(config: Config, reporter: Reporter | None = None, resume_from: str | P
     state = TrainState(model, optimizer, sampler)
     if saved is not None:
         state.restore(saved, resume_from, config.tokens_per_step)
+        # The config's AdamW settings win over the saved ones (a resume with changed settings, a PBT trial that
+        # continues from another's checkpoint with a perturbed weight decay); the lr is set at every step.
+        for group in optimizer.param_groups:
+            group.update(betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if t.compile:
         compile_layers(model)  # compiles on the first step, timed as compile_time_s
 
-    logger = RunLogger(out_dir, config.total_steps, t.progress, t.tensorboard)
+    wandb_run = open_wandb(t.wandb_project, t.wandb_mode, out_dir, config.to_dict()) if t.wandb_project else None
+    logger = RunLogger(out_dir, config.total_steps, t.progress, t.tensorboard, wandb_run)
     logger.info(
         f"model {count_parameters(model):,} parameters ({count_parameters(model, False):,} non-embedding) | "
         f"device {device.type}{' bf16 autocast' if amp_dtype else ' fp32'} | {config.total_steps} steps of "
@@ -517,6 +525,7 @@ def evaluate_and_report(run: Run, lr: float) -> bool:
         val_perplexity=math.exp(min(val_loss, 700.0)),
         best_val_loss=s.best_val,
         lr=lr,
+        tokens_per_s=train_tokens_per_s(run),
         elapsed_s=timers.elapsed(),
         train_time_s=timers.train,
         compile_time_s=timers.compile,
@@ -537,12 +546,19 @@ def evaluate_and_report(run: Run, lr: float) -> bool:
     return False
 
 
+def train_tokens_per_s(run: Run) -> float:
+    """Training tokens per second inside steps, over this run (or since its resume); the compiling step is not
+    timed, so its tokens are left out."""
+    compiled_tokens = run.config.tokens_per_step if run.timers.compile else 0
+    trained = run.state.tokens_seen - (run.resumed_at_tokens or 0) - compiled_tokens
+    return trained / max(run.timers.train, 1e-9)
+
+
 def finish(run: Run, diverged_at: int | None) -> TrainSummary:
     """Write final.pt (a completed run), report a divergence, log and return the summary."""
     s, t, timers = run.state, run.config.train, run.timers
     if diverged_at is None and s.step == run.config.total_steps and t.save_best_and_final:
         save_training_state(s.snapshot(run.config, "final"), run.ckpt_dir / "final.pt")
-    compiled_tokens = run.config.tokens_per_step if timers.compile else 0  # the compiling step is not timed
     summary = TrainSummary(
         status="diverged" if diverged_at is not None else "completed",
         diverged=diverged_at is not None,
@@ -558,7 +574,7 @@ def finish(run: Run, diverged_at: int | None) -> TrainSummary:
         eval_time_s=timers.eval,
         checkpoint_time_s=timers.checkpoint,
         report_time_s=timers.report,
-        tokens_per_s=(s.tokens_seen - (run.resumed_at_tokens or 0) - compiled_tokens) / max(timers.train, 1e-9),
+        tokens_per_s=train_tokens_per_s(run),
         out_dir=str(t.out_dir),
     )
     if diverged_at is not None and run.reporter is not None:

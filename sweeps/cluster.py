@@ -54,20 +54,27 @@ def start_ray(address: str | None, num_cpus: int | None, worker_env: dict[str, s
     worker processes get the variables in `worker_env` (for example `allocator_env`'s). A local Ray listens on
     127.0.0.1 only (nothing on the network can reach it); joining a cluster keeps Ray's own settings (token
     authentication on)."""
+    from sweeps import disk
+
     address = address or os.environ.get("RAY_ADDRESS")
     common = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # Every worker writes its checkpoints into local storage whole or not at all (sweeps/disk.py); so does the
+    # driver, for the experiment state and result files.
+    common["runtime_env"] = {"worker_process_setup_hook": f"{disk.__name__}.{disk.atomic_storage_writes.__name__}"}
     if worker_env:
-        common["runtime_env"] = {"env_vars": worker_env}
+        common["runtime_env"]["env_vars"] = worker_env
     if not address:
         with ray_compat.loopback_only():
             import ray
 
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **common)
+        disk.atomic_storage_writes()
         return
     import ray
 
     try:
         ray.init(address=address, **common)
+        disk.atomic_storage_writes()
     except Exception as e:  # Ray raises ConnectionError, AuthenticationError, RuntimeError...
         hint = ""
         if "auth" in type(e).__name__.lower() or "token" in str(e).lower():
@@ -172,18 +179,38 @@ def check_local_resources(spec: SweepSpec, num_cpus: int | None) -> None:
             raise ResourceError(f'{spec.source}: resources_per_trial.gpu: expected {expected} or "auto", got {gpu:g}')
 
 
+def largest_node(nodes: list[dict]) -> dict[str, float]:
+    """The resources of the alive node with the most GPUs, then CPUs ({} when none is alive)."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    return max(alive, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+
+
+def fits_a_node(asked: dict[str, float], nodes: list[dict]) -> bool:
+    """Whether some alive node in `nodes` (as `ray.nodes()` lists them) has every resource in `asked`."""
+    return any(
+        all(node.get("Resources", {}).get(key, 0) >= amount for key, amount in asked.items() if amount > 0)
+        for node in nodes
+        if node.get("Alive")
+    )
+
+
 def unschedulable_warning(spec: SweepSpec, cpu: float, gpu: float, nodes: list[dict]) -> str | None:
     """A warning line when no alive node in `nodes` (as `ray.nodes()` lists them) has `cpu` CPUs and `gpu` GPUs
     for one trial; None when one has. A cluster's autoscaler may still add such a node, so this never refuses."""
-    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
-    if any(r.get("CPU", 0) >= cpu and r.get("GPU", 0) >= gpu for r in alive):
+    if fits_a_node({"CPU": cpu, "GPU": gpu}, nodes):
         return None
-    largest = max(alive, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    largest = largest_node(nodes)
     return (
         f"warning: {spec.source}: resources_per_trial: a trial asks {cpu:g} CPU + {gpu:g} GPU, and no node of the "
         f"Ray cluster has that now (largest: {largest.get('CPU', 0):g} CPU + {largest.get('GPU', 0):g} GPU): "
-        "trials wait until such a node joins (autoscaling), else forever"
+        f"trials wait until such a node joins (autoscaling), {_give_up(spec.resources_per_trial.pending_timeout_s)}"
     )
+
+
+def _give_up(timeout_s: float | None) -> str:
+    if timeout_s is None:
+        return "else forever (resources_per_trial.pending_timeout_s: null)"
+    return f"for at most resources_per_trial.pending_timeout_s ({timeout_s:g} s)"
 
 
 def warn_if_unschedulable(spec: SweepSpec, cpu: float, gpu: float) -> None:
@@ -193,3 +220,66 @@ def warn_if_unschedulable(spec: SweepSpec, cpu: float, gpu: float) -> None:
     warning = unschedulable_warning(spec, cpu, gpu, ray.nodes())
     if warning:
         print(warning, flush=True)
+
+
+PENDING_CHECK_S = 2.0
+"""How often the driver asks Ray for its nodes while trials wait for resources."""
+
+
+def make_pending_watch(spec: SweepSpec):
+    """A Tune callback that ends the sweep when trials have waited `resources_per_trial.pending_timeout_s` for
+    resources no node of the cluster has (checked every PENDING_CHECK_S; a node that joins in time resets the
+    clock). Its `stop` is then a sweeps.disk.Stop: one line naming what a trial asks and what the cluster has,
+    exit 1, results written; Ray's state keeps the waiting trials, so --resume on a larger cluster runs them."""
+    import ray
+    from ray import tune
+
+    from sweeps.disk import Stop
+
+    timeout = spec.resources_per_trial.pending_timeout_s
+
+    class PendingWatch(tune.Callback):
+        def __init__(self) -> None:
+            self.stop: Stop | None = None
+            self.since: float | None = None  # when the waiting trials were first seen unschedulable
+            self.last = 0.0
+
+        def on_step_begin(self, iteration, trials, **info):
+            now = time.monotonic()
+            if timeout is None or self.stop is not None or now - self.last < PENDING_CHECK_S:
+                return
+            self.last = now
+            waiting = [t for t in trials if t.status == "PENDING"]
+            asked = _trial_resources(waiting[0]) if waiting else {}
+            nodes = ray.nodes() if waiting else []
+            if not waiting or fits_a_node(asked, nodes):
+                self.since = None
+                return
+            self.since = self.since if self.since is not None else now
+            if now - self.since < timeout:
+                return
+            largest = largest_node(nodes)
+            started = sum(1 for t in trials if t.status != "PENDING")
+            alive = sum(1 for n in nodes if n.get("Alive"))
+            has = " + ".join(f"{largest.get(k, 0):g} {k}" for k in asked)
+            self.stop = Stop(
+                f"error: {spec.source}: resources_per_trial: a trial asks "
+                f"{' + '.join(f'{v:g} {k}' for k, v in asked.items())}, and for {now - self.since:.0f} s "
+                f"(resources_per_trial.pending_timeout_s: {timeout:g}) no node of the Ray cluster had that "
+                f"(largest of {alive} node(s): {has}): {spec.expected_trials - started} of {spec.expected_trials} "
+                "trials never started; the sweep ended "
+                "(--resume runs them on a cluster that has such a node)",
+                exit_code=1,
+                write_results=True,
+                resumable=False,
+            )
+            ray_compat.interrupt_tune_run()
+
+    return PendingWatch()
+
+
+def _trial_resources(trial) -> dict[str, float]:
+    """What one bundle of `trial` asks Ray for ({"CPU": 1.0, "GPU": 0.0}), from its public placement group factory."""
+    factory = getattr(trial, "placement_group_factory", None)
+    resources = getattr(factory, "required_resources", None) or {}
+    return {"CPU": 0.0, "GPU": 0.0, **{key: float(value) for key, value in resources.items() if value}}

@@ -7,21 +7,26 @@ trial failed for its silence (`stall.timeout_s`).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from lm.record import Key
 from sweeps import ray_compat
+from sweeps.lineage import LINEAGE_NOTE
 from sweeps.space import SweepSpec
 
+LINE_START = "\r\033[K" if sys.stdout.isatty() else ""
 CHECKPOINT_NOTE = "checkpoint_note"
 """Result key: on the first report after a restore whose checkpoint was damaged, what was damaged and what the
 trial resumed from instead (sweeps/trainable.py sets it)."""
 
 
 def stamp() -> str:
-    return time.strftime("%H:%M:%S")
+    """The time that starts every console line; in a terminal, first clears the live status line (sweeps/progress.py)
+    that the line is printed over."""
+    return f"{LINE_START}{time.strftime('%H:%M:%S')}"
 
 
 def make_callback(spec: SweepSpec, quiet: bool):
@@ -43,6 +48,8 @@ def make_callback(spec: SweepSpec, quiet: bool):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get(CHECKPOINT_NOTE):
                 print(f"{stamp()} {trial.trial_id} damaged checkpoint: {result[CHECKPOINT_NOTE]}", flush=True)
+            if result.get(LINEAGE_NOTE):  # PBT/PB2: this trial continues from another's checkpoint
+                print(f"{stamp()} {trial.trial_id} {result[LINEAGE_NOTE]}", flush=True)
             if quiet:
                 return
             mark = " DIVERGED" if result.get(Key.diverged) else ""

@@ -5,7 +5,8 @@
 Restores the best trial's best checkpoint (weights, optimizer, step, data sampler) into `lm.train` and
 trains on with its config plus any dotted overrides. The schedule is recomputed for the new budget
 (see README: "Continuing beyond the budget"). Output goes to SWEEP/best/continued unless
---train.out_dir says otherwise.
+--train.out_dir says otherwise. SWEEP may be a URI (s3://bucket/sweeps/NAME): the checkpoint is downloaded through
+Ray's Checkpoint API into $LM_SWEEPS_CACHE/checkpoints/NAME/, and output goes to ./sweep_results/NAME/best/continued.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from lm import cli
 from lm.checkpoint import CheckpointError
 from lm.config import Config
 from lm.train import train_exit_code
-from sweeps.layout import BEST_DIR
+from sweeps.layout import BEST_DIR, DEFAULT_STORAGE
+from sweeps.storage import Storage, scrub
 
 # A trial's run settings (its device share, threads, Ray-managed checkpoints) do not carry over.
 RUN_SETTINGS = {
@@ -44,14 +46,19 @@ def build_parser() -> cli.ArgumentParser:
 def _command(args: argparse.Namespace) -> int:
     from sweeps.results import load_sweep
 
-    sweep_dir = Path(args.sweep_dir)
-    sweep = load_sweep(sweep_dir)
-    checkpoint = sweep.best_checkpoint
-    if checkpoint is None:
-        raise CheckpointError(f"{sweep_dir}: no trial of this sweep left a checkpoint")
-    overrides = {"train.out_dir": str(sweep_dir / BEST_DIR / "continued"), **RUN_SETTINGS, **args.overrides}
+    sweep = load_sweep(args.sweep_dir)
+    if sweep.best_checkpoint is None:
+        raise CheckpointError(f"{scrub(args.sweep_dir)}: no trial of this sweep left a checkpoint")
+    checkpoint = sweep.local_best_checkpoint()  # a remote sweep's: downloaded into $LM_SWEEPS_CACHE/checkpoints
+    storage = Storage.at(args.sweep_dir)
+    local_dir = storage.local_path or Path.cwd() / DEFAULT_STORAGE / storage.name
+    overrides = {"train.out_dir": str(local_dir / BEST_DIR / "continued"), **RUN_SETTINGS, **args.overrides}
     config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(overrides, "command line")
-    print(f"continuing trial {sweep.best_trial_id} from {checkpoint} to {config.train.max_tokens:,} tokens")
+    print(
+        f"continuing trial {sweep.best_trial_id} from {sweep.best_checkpoint}"
+        + (f" (downloaded to {checkpoint})" if checkpoint != sweep.best_checkpoint else "")
+        + f" to {config.train.max_tokens:,} tokens"
+    )
     return train_exit_code(config, resume_from=checkpoint)
 
 

@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 from lm import cli
+from sweeps.layout import DEFAULT_STORAGE
+from sweeps.storage import RESULT_NAMES, Storage, mirror
 
 
 def build_parser() -> cli.ArgumentParser:
     ap = cli.ArgumentParser(prog="python sweeps/inspect_sweep.py", description=__doc__.split("\n")[0])
-    ap.add_argument("path", help="the sweep's experiment directory (STORAGE/NAME)")
+    ap.add_argument("path", help="the sweep's experiment directory (STORAGE/NAME: a local path or a URI)")
     ap.add_argument("--top", type=int, default=20, help="rows of the table")
     ap.add_argument("--no-write", action="store_true", help="only print, do not rewrite the files")
     return ap
@@ -23,12 +25,15 @@ def build_parser() -> cli.ArgumentParser:
 def _command(args: argparse.Namespace) -> int:
     from sweeps.results import load_sweep, print_table, write_results
 
-    path = Path(args.path)
-    sweep = load_sweep(path)
+    sweep = load_sweep(args.path)
     print_table(sweep, top=args.top)
     if not args.no_write:
-        write_results(sweep, path)
-        print(f"rebuilt {path}/summary.md, results.csv, results.parquet, history.parquet, plots/, best/")
+        remote = Storage.at(args.path)
+        out = remote.local_path or Path.cwd() / DEFAULT_STORAGE / remote.name  # a remote sweep: a local copy
+        write_results(sweep, out)
+        mirror(out, remote, RESULT_NAMES)
+        where = f"{remote.show()} (local copy: {out})" if remote.local_path is None else str(out)
+        print(f"rebuilt summary.md, results.csv, results.parquet, history.parquet, plots/, best/ in {where}")
     return 0
 
 

@@ -4,6 +4,7 @@ sweep_space.yaml     the search space as run (after --set); --resume reads it ba
 sweep_meta.json      name, metric, mode, swept parameters, budget, base config, entropy floor, command
 .driver.lock         held by the running driver (sweeps/lock.py): a second driver of the sweep is refused
 trial_status.jsonl   each trial's id, number and state, as the driver saw them (plain JSON, sweeps/trial_status.py)
+optuna.db            the Optuna study of an optuna sweep (SQLite; unless search.storage names another, sweeps/study.py)
 experiment_state-*   Ray Tune's own state (what --resume restores; cloudpickled: only --resume reads it)
 <trial>/            Ray's plain per-trial files: params.json, result.json (every report), error.txt
 <trial>/run/         each trial's train.log, metrics.jsonl, metrics.csv (written by lm.train)
@@ -23,6 +24,7 @@ SPEC_FILE = "sweep_space.yaml"
 STATUS_FILE = "trial_status.jsonl"  # the driver's own record of each trial's state (sweeps/trial_status.py)
 META_FILE = "sweep_meta.json"
 STATE_FILE = "state.pt"  # the training state inside each Ray checkpoint directory
+STUDY_DB = "optuna.db"  # the sweep's Optuna study (sweeps/study.py)
 LOCK_FILE = ".driver.lock"  # held by the running driver (sweeps/lock.py)
 TRIAL_RUN_DIR = "run"  # the loop's logs inside a trial directory
 RESULTS_CSV = "results.csv"

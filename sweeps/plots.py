@@ -32,6 +32,8 @@ def make_plots(sweep: Sweep, out_dir: Path) -> list[Path]:
     if len([k for k in sweep.swept if _numeric(df[k])]) > 1:
         written.append(_parallel(sweep, out_dir / "parallel_coordinates.png"))
     written.append(_best_so_far(sweep, out_dir / "best_so_far.png"))
+    if not hist.empty:
+        written.append(_best_so_far_by_tokens(sweep, out_dir / "best_so_far_vs_tokens.png"))
     return written
 
 
@@ -150,6 +152,20 @@ def _best_so_far(sweep: Sweep, path: Path) -> Path:
     ax.set_xlabel("trial number")
     ax.set_ylabel(f"best {sweep.metric}")
     ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _best_so_far_by_tokens(sweep: Sweep, path: Path) -> Path:
+    """Best metric so far against the sweep's cumulative training tokens: what the compute bought."""
+    from sweeps.compute import best_so_far_by_tokens
+
+    curve = best_so_far_by_tokens(sweep)
+    best = curve["best"].to_numpy(float)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.step(curve["cumulative_tokens"], np.where(np.isinf(best), np.nan, best), where="post")
+    ax.set_xlabel("training tokens, all trials")
+    ax.set_ylabel(f"best {sweep.metric} so far")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -21,12 +21,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from lm.record import Key
 from sweeps.layout import STATE_FILE
+
+if TYPE_CHECKING:
+    from sweeps.storage import Storage
 
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting from a sweep tool
@@ -86,6 +89,89 @@ def trial_actor(trial: Any) -> Any:
     """The Ray actor running `trial` (a Tune Trial), or None between runs: where Ray 2.60 keeps it
     (`Trial.set_ray_actor`), checked by tests/test_stalls.py."""
     return getattr(getattr(trial, "temporary_state", None), "ray_actor", None)
+
+
+def interrupt_tune_run() -> None:
+    """End the running `Tuner.fit()` as Ctrl-C does, from the driver's main thread (a Tune callback): Ray saves the
+    experiment state one last time and running trials stay resumable. Ray 2.60's tune.run installs its stop
+    handler for SIGUSR1 as well as SIGINT; SIGUSR1 leaves the user's Ctrl-C to mean what it always does."""
+    import logging
+    import signal
+
+    # What tune.run logs from here on (a stop "via SIGINT/Ctrl+C", a Tuner.restore hint, the unfinished trials)
+    # is not what happened: the caller says why the run ended and how to resume it, in its own line.
+    logging.getLogger(TUNE_RUN_LOGGER).setLevel(logging.CRITICAL)
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
+TUNE_RUN_LOGGER = "ray.tune.tune"
+NO_SPACE_LOGGERS = ("ray.tune.execution.experiment_state", "ray.tune.execution.tune_controller", TUNE_RUN_LOGGER)
+"""Ray's loggers that print a traceback when a write into storage fails: saving the experiment state (the
+periodic and the last one) and a trial's failure."""
+
+
+def replace_storage_copy(copy: Any) -> None:
+    """Route every copy Ray makes into or out of storage (experiment state, result files, checkpoints) through
+    `copy(original, source, destination, **kwargs)`, where `original` is Ray 2.60's
+    `ray.train._internal.storage._pyarrow_fs_copy_files` (called by module name from the same module). Idempotent.
+    """
+    from ray.train._internal import storage
+
+    original = getattr(storage, "_pyarrow_fs_copy_files", None)
+    if original is None:
+        raise RayLayoutError(f"ray {_ray_version()}: ray.train._internal.storage has no _pyarrow_fs_copy_files")
+    if getattr(original, "_lm_sweeps_copy", False):
+        return
+
+    def copy_files(source: Any, destination: Any, source_filesystem: Any = None, destination_filesystem: Any = None,
+                   **kwargs: Any) -> Any:  # fmt: skip
+        return copy(original, source, destination, source_filesystem=source_filesystem,
+                    destination_filesystem=destination_filesystem, **kwargs)  # fmt: skip
+
+    copy_files._lm_sweeps_copy = True  # type: ignore[attr-defined]
+    storage._pyarrow_fs_copy_files = copy_files
+
+
+def new_trials_follow_a_moved_sweep() -> None:
+    """After `Tuner.restore` of a sweep moved to another storage path, the trials its searcher creates from then on
+    go to the new path too. Ray 2.60 moves the restored trials (TuneController._restore_trials) but restores the
+    search algorithm's pickled experiment spec, storage context included, as it was: new trials were created under
+    the old path (on a full disk: failing; on another machine: somewhere else). This applies Ray's own propagation
+    (storage filesystem, path, experiment name) to that context after `TuneController.resume`. Idempotent.
+    """
+    from ray.tune.execution.tune_controller import TuneController
+
+    original = getattr(TuneController, "resume", None)
+    if original is None:
+        raise RayLayoutError(f"ray {_ray_version()}: TuneController has no resume()")
+    if getattr(original, "_lm_sweeps_resume", False):
+        return
+
+    def resume(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        search = getattr(self, "_search_alg", None)
+        specs = [getattr(getattr(search, "_experiment", None), "spec", None) or {}]  # SearchGenerator (optuna)
+        specs += [getattr(it, "unresolved_spec", None) or {} for it in getattr(search, "_iterators", [])]  # random
+        for storage in {id(s.get("storage")): s.get("storage") for s in specs if s.get("storage")}.values():
+            storage.storage_filesystem = self._storage.storage_filesystem
+            storage.storage_fs_path = self._storage.storage_fs_path
+            storage.experiment_dir_name = self._storage.experiment_dir_name
+        return result
+
+    resume._lm_sweeps_resume = True  # type: ignore[attr-defined]
+    TuneController.resume = resume
+
+
+def add_tuner_callbacks(tuner: Any, callbacks: list[Any], replace: bool = False) -> None:
+    """Give a built or restored `tune.Tuner` more callbacks for its `fit()` (`replace`: these instead of its own),
+    kept out of its tuner.pkl (written when the Tuner is built; a restored Tuner's callbacks are the pickled ones,
+    with the paths and settings of the run that pickled them): Ray 2.60 reads
+    `tuner._local_tuner.get_run_config().callbacks` when fit() starts."""
+    try:
+        run_config = tuner._local_tuner.get_run_config()
+    except AttributeError as e:
+        raise RayLayoutError(f"ray {_ray_version()}: a Tuner has no _local_tuner.get_run_config() ({e})") from None
+    run_config.callbacks = [*([] if replace else run_config.callbacks or []), *callbacks]
 
 
 @dataclass
@@ -150,38 +236,47 @@ def _record(trial: Any, result: Any, metric: str, mode: str) -> TrialRecord:
     )
 
 
-def read_trial_files(exp_dir: Path, metric: str, mode: str, status: dict[str, dict[str, Any]]) -> list[TrialRecord]:
-    """The trials of a local experiment directory, from Ray's plain per-trial files alone (nothing unpickled).
+def read_trial_files(
+    exp: Storage | Path, metric: str, mode: str, status: dict[str, dict[str, Any]]
+) -> list[TrialRecord]:
+    """The trials of an experiment directory (local, or behind a URI), from Ray's plain per-trial files alone
+    (nothing unpickled).
 
     Each trial directory holds params.json (the sampled config), result.json (one JSON line per report, with
     `checkpoint_dir_name` when it carried a checkpoint) and, after a failure, error.txt. `status` is the
     driver's record (sweeps.trial_status) by directory name; a trial without one gets its state from its files.
-    The best checkpoint is the kept checkpoint_* directory whose report scored best on `metric`.
+    The best checkpoint is the kept checkpoint_* directory whose report scored best on `metric`; it and `path`
+    are given as the user knows them (a local path, or a URI without credentials).
     """
+    from sweeps.storage import Storage
     from sweeps.trial_status import ended_on_its_own
 
+    exp = exp if isinstance(exp, Storage) else Storage.at(exp)
     records = []
-    for trial_dir in sorted(p for p in Path(exp_dir).iterdir() if (p / "params.json").is_file()):
-        rows = _json_lines(trial_dir / "result.json")
+    for name in exp.subdirs():
+        params = exp.read_text(name, "params.json")
+        if params is None:
+            continue
+        rows = _json_rows(exp.read_text(name, "result.json") or "")
         last = rows[-1] if rows else {}
-        known = status.get(trial_dir.name, {})
-        error_file = trial_dir / "error.txt"
+        known = status.get(name, {})
+        error_text = exp.read_text(name, "error.txt")
         state = known.get("status") or (
-            "TERMINATED" if ended_on_its_own(last) else "ERROR" if error_file.is_file() else "RUNNING"
+            "TERMINATED" if ended_on_its_own(last) else "ERROR" if error_text is not None else "RUNNING"
         )
-        head = _TRIAL_DIR.match(trial_dir.name)
+        head = _TRIAL_DIR.match(name)
         records.append(
             TrialRecord(
-                trial_id=str(known.get("trial_id") or last.get("trial_id") or (head and head["id"]) or trial_dir.name),
+                trial_id=str(known.get("trial_id") or last.get("trial_id") or (head and head["id"]) or name),
                 number=int(known.get("number") or (head and head["number"]) or 0),
                 ray_status=state,
-                config=json.loads((trial_dir / "params.json").read_text()),
+                config=json.loads(params),
                 last=last,
                 history=pd.DataFrame(rows) if rows else None,
                 # A trial retried after a failure that then finished is not an error.
-                error=error_file.read_text(errors="replace") if state == "ERROR" and error_file.is_file() else None,
-                best_checkpoint=_best_kept_checkpoint(trial_dir, rows, metric, mode),
-                path=str(trial_dir),
+                error=error_text if state == "ERROR" else None,
+                best_checkpoint=_best_kept_checkpoint(exp.child(name), rows, metric, mode),
+                path=exp.show(name),
             )
         )
     return records
@@ -191,13 +286,9 @@ def read_trial_files(exp_dir: Path, metric: str, mode: str, status: dict[str, di
 _TRIAL_DIR = re.compile(r"^.*?_(?P<id>[0-9a-f]{8}|[0-9a-f]{5}_\d{5})_(?P<number>\d+)_")
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines of `path` ([] if missing); a line cut short by a crash is left out."""
+def _json_rows(text: str) -> list[dict[str, Any]]:
+    """The complete JSON object lines of `text`; a line cut short by a crash is left out."""
     rows = []
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return rows
     for line in text.splitlines():
         try:
             row = json.loads(line)
@@ -208,19 +299,27 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _best_kept_checkpoint(trial_dir: Path, rows: list[dict[str, Any]], metric: str, mode: str) -> str | None:
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines of `path` ([] if missing); a line cut short by a crash is left out."""
+    try:
+        return _json_rows(path.read_text(errors="replace"))
+    except OSError:
+        return []
+
+
+def _best_kept_checkpoint(trial: Storage, rows: list[dict[str, Any]], metric: str, mode: str) -> str | None:
+    kept = set(trial.subdirs())
     scored = [
         (row[metric], name)
         for row in rows
         if isinstance(row.get(metric), (int, float))
         and not row.get(Key.diverged)
-        and (name := row.get("checkpoint_dir_name"))
-        and (trial_dir / name / STATE_FILE).is_file()
+        and (name := row.get("checkpoint_dir_name")) in kept
     ]
-    if not scored:
-        return None
-    _, name = min(scored) if mode == "min" else max(scored)
-    return str(trial_dir / name / STATE_FILE)
+    for _, name in sorted(scored, reverse=mode != "min"):
+        if trial.is_file(name, STATE_FILE):
+            return trial.show(name, STATE_FILE)
+    return None
 
 
 def recorded_latest_checkpoints(exp_dir: Path) -> dict[str, Path]:
@@ -262,3 +361,115 @@ def _last_checkpoint_name(trial_dir: Path, up_to_iteration: int | None) -> str |
         if row.get("checkpoint_dir_name") and row.get(TRAINING_ITERATION, 0) <= up_to_iteration
     ]
     return names[-1] if names else None
+
+
+def best_checkpoint_path(trial: Any) -> str | None:
+    """The storage path of a live Ray trial's best kept checkpoint (by the sweep's metric), or None when it has
+    none; read from the trial's checkpoint manager (driver side, during or right after the sweep)."""
+    try:
+        best = trial.run_metadata.checkpoint_manager.best_checkpoint_result
+    except AttributeError:
+        return None
+    return None if best is None or best.checkpoint is None else str(best.checkpoint.path)
+
+
+def hyperband_scheduler(time_attr: str, max_t: int, min_t: int, reduction_factor: float) -> Any:
+    """Ray's HyperBandScheduler with brackets from `min_t` (its smallest rung) to `max_t`.
+
+    Ray sizes HyperBand for a clock of a few dozen units (max_t=81 reports): log_eta(max_t) + 1 brackets whose
+    smallest rung is max_t / eta^s. On a token clock (max_t ~ 10^6..10^9) that is a rung of one token and a first
+    bracket of eta^s trials. Here the bracket count is floor(log_eta(max_t / min_t)) + 1, so the smallest rung is
+    at least `min_t`, as in the paper's R = max_t / min_t. Sets the private `_s_max_1`, `_get_n0` and `_get_r0`
+    that Ray 2.60's __init__ sets (RayLayoutError if they are gone).
+
+    A trial HyperBand stops while it waits paused at a rung has no last result marked done (it was stopped between
+    reports), so the driver's status record would take it for a trial interrupted with the driver and --resume
+    would wait for it. Its last result is marked done before Ray stops it (`_process_bracket`'s stop_trial).
+    """
+    import math
+
+    from ray.tune.schedulers import HyperBandScheduler
+
+    class MarkStopped:
+        def __init__(self, controller: Any):
+            self._controller = controller
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._controller, name)
+
+        def stop_trial(self, trial: Any) -> Any:
+            trial.run_metadata.last_result = {**trial.last_result, "done": True}
+            return self._controller.stop_trial(trial)
+
+    class Scheduler(HyperBandScheduler):
+        def _process_bracket(self, tune_controller: Any, bracket: Any) -> Any:
+            return super()._process_bracket(MarkStopped(tune_controller), bracket)
+
+    Scheduler.__name__ = Scheduler.__qualname__ = HyperBandScheduler.__name__
+    hb = Scheduler(time_attr=time_attr, max_t=max_t, reduction_factor=reduction_factor)
+    missing = [a for a in ("_s_max_1", "_get_n0", "_get_r0", "_process_bracket") if not hasattr(hb, a)]
+    if missing:
+        raise RayLayoutError(f"ray {_ray_version()}: HyperBandScheduler has no {', '.join(missing)}")
+    eta = reduction_factor
+    s_max_1 = int(math.floor(math.log(max(max_t / min_t, 1.0)) / math.log(eta) + 1e-9)) + 1
+    hb._s_max_1 = s_max_1
+    hb._get_n0 = lambda s: int(math.ceil(s_max_1 / (s + 1) * eta**s))
+    hb._get_r0 = lambda s: int(max_t * eta ** (-s))
+    return hb
+
+
+def population_based_training(pb2: bool = False, **kwargs: Any) -> Any:
+    """Ray's PopulationBasedTraining (PB2 with `pb2`), built from `kwargs`, that exploits the checkpoint a trial last
+    reported instead of asking the trial to save one more time.
+
+    At a perturbation point Ray's PBT asks a top trial to save (`_schedule_trial_save`). A function trainable's save
+    returns the checkpoint it last reported, which Ray also registers for the report itself (each of our reports
+    carries one): the trial's checkpoint manager then holds two entries for one directory, deletes the directory
+    while one entry is still kept, and logs "Error handling checkpoint ... Path not found" when it deletes the other,
+    and a trial may find the checkpoint it exploits gone. Here PBT gets a stand-in for the save that resolves to the
+    trial's latest registered checkpoint: this report's (Ray registers it right after the scheduler's decision) or
+    a newer one. Uses the private `_schedule_trial_save`, `_FutureTrainingResult` and `Trial.latest_checkpoint_result`.
+    """
+    from ray.train._internal.session import _FutureTrainingResult
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    if pb2:
+        from ray.tune.schedulers.pb2 import PB2 as base
+    else:
+        base = PopulationBasedTraining
+
+    class LatestReported(_FutureTrainingResult):
+        def __init__(self, trial: Any):
+            self.trial = trial
+
+        def resolve(self, block: bool = True) -> Any:
+            return self.trial.latest_checkpoint_result
+
+    class NoExtraSave:
+        def __init__(self, controller: Any):
+            self._controller = controller
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._controller, name)
+
+        def _schedule_trial_save(self, trial: Any, result: Any = None) -> Any:
+            return LatestReported(trial)
+
+    class Scheduler(base):  # type: ignore[misc, valid-type]
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> Any:
+            return super().on_trial_result(NoExtraSave(tune_controller), trial, result)
+
+    Scheduler.__name__ = Scheduler.__qualname__ = base.__name__
+    if not hasattr(base, "_checkpoint_or_exploit"):
+        raise RayLayoutError(f"ray {_ray_version()}: {base.__name__} has no _checkpoint_or_exploit")
+    return Scheduler(**kwargs)
+
+
+def restored_tune_config(tuner: Any) -> Any:
+    """The TuneConfig a `tune.Tuner.restore`d tuner will run with (its searcher as pickled in tuner.pkl, the
+    saved num_samples and max_concurrent_trials): Ray 2.60 keeps it at `tuner._local_tuner._tune_config` and
+    reads it when fit() starts, so changes made here apply to the resumed run."""
+    config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
+    if config is None or not all(hasattr(config, a) for a in ("search_alg", "num_samples", "max_concurrent_trials")):
+        raise RayLayoutError(f"ray {_ray_version()}: a restored Tuner has no _local_tuner._tune_config")
+    return config

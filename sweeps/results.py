@@ -7,6 +7,7 @@ them); `load_sweep` (from sweeps.sweep) reads a sweep back.
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from pathlib import Path
@@ -16,9 +17,13 @@ import pandas as pd
 import yaml
 
 from lm.checkpoint import CheckpointError
+from lm.files import write_atomic
 from lm.record import Key
 from sweeps import layout
+from sweeps.compute import COMPUTE_FILE, compute, compute_record
+from sweeps.lineage import LINEAGE_CSV, lineage_markdown
 from sweeps.plots import make_plots
+from sweeps.repeats import CONFIG_ID, SEED
 from sweeps.sweep import STATUSES, Sweep, load_sweep
 
 __all__ = ["load_sweep", "print_table", "ranked_trials", "summary_markdown", "write_results"]
@@ -38,6 +43,10 @@ def write_results(sweep: Sweep, out_dir: str | Path) -> Path:
     df.to_parquet(out / layout.RESULTS_PARQUET, index=False)
     sweep.history.to_parquet(out / layout.HISTORY_PARQUET, index=False)
     make_plots(sweep, out / layout.PLOTS_DIR)
+    lineage = sweep.lineage
+    if not lineage.empty:
+        lineage.to_csv(out / LINEAGE_CSV, index=False)
+    write_atomic(out / COMPUTE_FILE, json.dumps(compute_record(sweep), indent=2))
     best_dir = out / layout.BEST_DIR
     config, problem = _best_config(sweep)  # reads the best checkpoint: once, for best/ and the summary
     if config is not None:
@@ -78,22 +87,25 @@ def _summary(sweep: Sweep, out: Path, best_problem: str | None, top: int = 10) -
     floor = sweep.entropy_floor
     best = sweep.best_row
     if best is not None:
-        lines += [
-            "",
-            "## Best trial",
-            "",
+        lines += ["", "## Best configuration (best mean over seeds)" if sweep.has_repeats else "## Best trial", ""]
+        if sweep.has_repeats:
+            lines += [_best_config_line(sweep), ""]
+        lines.append(
             f"`{best['trial_id']}`: best {sweep.metric} **{best[sweep.best_column]:.4f}**"
-            + (f" (entropy floor of the built-in data {floor:.4f} nats/token)" if floor else ""),
-        ]
-        for key in sweep.swept:
+            + (f" (entropy floor of the built-in data {floor:.4f} nats/token)" if floor else "")
+        )
+        for key in [*sweep.swept, *_derived_columns(sweep)]:
             lines.append(f"- `{key}` = {_fmt(best[key])}")
         lines += ["", f"Checkpoint: `{sweep.best_checkpoint}`", ""]
         if best_problem is not None:
             lines.append(f"**This checkpoint cannot be read**: {best_problem}. The trial cannot be continued from it.")
         elif sweep.best_checkpoint is not None:
             lines += ["Continue training it:", "", "```", continue_command(sweep, out), "```"]
+    if sweep.has_repeats:
+        lines += ["", f"## Configurations: {sweep.metric} mean ± std over seeds", "", _configs_table(sweep, top)]
     lines += ["", f"## Top {min(top, len(df))}", ""]
-    cols = ["trial_id", "status", *sweep.swept, sweep.best_column, sweep.final_column, Key.tokens_seen]
+    cols = ["trial_id", "status", *_repeat_columns(sweep), *sweep.swept, *_derived_columns(sweep)]
+    cols += [sweep.best_column, sweep.final_column, Key.tokens_seen]
     lines.append(_markdown_table(ranked_trials(sweep).head(top), cols))
     errors = df[df["status"] == "error"] if len(df) else df
     if len(errors):
@@ -103,8 +115,44 @@ def _summary(sweep: Sweep, out: Path, best_problem: str | None, top: int = 10) -
     if len(diverged):
         lines += ["", "## Diverged", ""]
         lines += [f"- `{r.trial_id}` at step {int(r.diverged_step)}" for r in diverged.itertuples()]
+    lines += lineage_markdown(sweep.lineage)
+    if len(df):
+        lines += ["", "## Compute", ""] + [f"- {line}" for line in compute(sweep).lines()]
     lines += ["", "Plots: `plots/`. Tables: `results.csv`, `results.parquet`, `history.parquet`.", ""]
     return "\n".join(lines)
+
+
+def _repeat_columns(sweep: Sweep) -> list[str]:
+    """config_id and train.seed where configurations ran with several seeds."""
+    return [CONFIG_ID, SEED] if sweep.has_repeats else []
+
+
+def _derived_columns(sweep: Sweep) -> list[str]:
+    return [k for k in sweep.meta.get("derived") or {} if k in sweep.dataframe.columns]
+
+
+def _best_config_line(sweep: Sweep) -> str:
+    """The best configuration's mean ± std and which of its trials gives the checkpoint."""
+    row = sweep.by_config.iloc[0]
+    best = sweep.best_row
+    return (
+        f"Configuration {int(row[CONFIG_ID])}: mean best {sweep.metric} "
+        f"**{_mean_std(row, sweep.best_column)}** over {int(row['n'])} seeds. "
+        f"Its best seed (train.seed {_fmt(best.get(SEED))}) is the trial below; `best/` and continue_best use its "
+        f"checkpoint."
+    )
+
+
+def _mean_std(row: pd.Series, column: str) -> str:
+    mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+    return f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}"
+
+
+def _configs_table(sweep: Sweep, top: int) -> str:
+    table = sweep.by_config.head(top).copy()
+    table[f"{sweep.best_column} mean ± std"] = [_mean_std(r, sweep.best_column) for _, r in table.iterrows()]
+    keys = [k for k in sweep.swept if k != SEED]
+    return _markdown_table(table, [CONFIG_ID, *keys, f"{sweep.best_column} mean ± std", "n", "best_trial_id"])
 
 
 def ranked_trials(sweep: Sweep) -> pd.DataFrame:
@@ -134,10 +182,20 @@ def print_table(sweep: Sweep, top: int = 20) -> None:
     if df.empty:
         print("no trials")
         return
-    cols = ["trial_id", "status", *sweep.swept, sweep.best_column, Key.tokens_seen]
+    cols = ["trial_id", "status", *_repeat_columns(sweep), *sweep.swept, *_derived_columns(sweep)]
+    cols += [sweep.best_column, Key.tokens_seen]
     ranked = ranked_trials(sweep).head(top)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(ranked[cols].to_string(index=False))
     best = sweep.best_row
-    if best is not None:
+    if best is not None and sweep.has_repeats:
+        row = sweep.by_config.iloc[0]
+        print(
+            f"best configuration: {int(row[CONFIG_ID])}, mean {sweep.metric} {_mean_std(row, sweep.best_column)} over "
+            f"{int(row['n'])} seeds; its best seed: {best['trial_id']} (train.seed {_fmt(best.get(SEED))}) "
+            f"{best[sweep.best_column]:.4f}"
+        )
+    elif best is not None:
         print(f"best: {best['trial_id']} {sweep.metric} {best[sweep.best_column]:.4f}")
+    for line in compute(sweep).lines():
+        print(line)

@@ -3,8 +3,10 @@
 Validates the search space and the data before Ray starts (bad input: one line, exit 2), starts or joins
 a Ray cluster, runs the trials with Optuna/ASHA through `tune.Tuner`, prints one line per evaluation and a
 final table, and writes the results files (see sweeps/results.py). `--resume` continues an interrupted
-sweep of the same `--name`. Exit codes: 0 all trials ran, 1 some trials errored, 2 bad input,
-130 interrupted (resume it with --resume).
+sweep of the same `--name`. Exit codes: 0 all trials ran, 1 some trials errored (or waited longer than
+resources_per_trial.pending_timeout_s for resources no node has), 2 bad input (also: the storage lacks room for
+the sweep's estimate), 75 stopped because the storage filled up (free space, then --resume), 130 interrupted
+(resume it with --resume).
 """
 
 from __future__ import annotations
@@ -37,17 +39,21 @@ from sweeps.cluster import (  # noqa: E402
     warn_if_unschedulable,
 )
 from sweeps.console import make_callback  # noqa: E402
+from sweeps.disk import RunWatches, check_free_space  # noqa: E402
 from sweeps.layout import (  # noqa: E402
     DEFAULT_STORAGE,
     META_FILE,
     NAME_RULE,
     SPEC_FILE,
     STATE_FILE,
+    STATUS_FILE,
     numbered_name,
     valid_name,
 )
 from sweeps.lock import driver_lock  # noqa: E402
 from sweeps.space import SweepSpec, load_space  # noqa: E402
+from sweeps.storage import Storage, fetch, join, mirror, mirror_callback, scrub  # noqa: E402
+from sweeps.study import StudyPlan, extend_tuner, open_study, plan_study, record_extension  # noqa: E402
 from sweeps.trial_status import status_callback  # noqa: E402
 
 SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"
@@ -119,17 +125,27 @@ def build_parser() -> cli.ArgumentParser:
         help="existing Ray cluster: 'auto', host:port or ray://host:10001 (also RAY_ADDRESS)",
     )
     ap.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
-    ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted sweep --name; with a larger --num-samples, add trials to it",
+    )
+    ap.add_argument(
+        "--warm-start",
+        metavar="SWEEP_DIR",
+        help="a new sweep whose searcher starts knowing the trials of this earlier sweep (same parameters, metric)",
+    )
     ap.add_argument("--num-samples", type=int, help="override num_samples")
     ap.add_argument("--max-concurrent", type=int, help="override search.max_concurrent_trials")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    ap.add_argument("--wandb", metavar="PROJECT", help="log every trial to this W&B project (tracking.wandb.project)")
     ap.add_argument(
         "--allocator",
         default="auto",
         help="memory allocator trial workers preload: 'auto' (tcmalloc where installed, local Ray only),\n"
         "'system' (glibc malloc), or a shared-library path",
     )
-    ap.add_argument("--quiet", action="store_true", help="no per-result lines")
+    ap.add_argument("--quiet", action="store_true", help="no per-result lines and no status line: only the final table")
     return ap
 
 
@@ -200,13 +216,20 @@ def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
         sets.append(f"num_samples={args.num_samples}")
     if args.max_concurrent is not None:
         sets.append(f"search.max_concurrent_trials={args.max_concurrent}")
+    if args.wandb is not None:
+        sets.append(f"tracking.wandb.project={json.dumps(args.wandb)}")
     results_root = local_root or (Path.cwd() / DEFAULT_STORAGE).resolve()
     local_ray = cluster_address(args.address) is None
     if args.resume:
         exp_dir = results_root / args.name
         saved = exp_dir / SPEC_FILE
-        if local_root is not None and not (exp_dir.is_dir() and saved.is_file()):
-            raise SweepInputError(f"{exp_dir}: --resume: no sweep named '{args.name}' there")
+        if local_root is None and not saved.is_file():  # resuming a remote sweep on another machine
+            from sweeps.sweep import open_storage
+
+            fetch(open_storage(join(storage, args.name)), exp_dir, [SPEC_FILE, META_FILE, STATUS_FILE])
+        if not saved.is_file():
+            where = exp_dir if local_root is not None else scrub(join(storage, args.name))
+            raise SweepInputError(f"{where}: --resume: no sweep named '{args.name}' there")
         spec = load_space(saved if saved.is_file() else find_space(args.space), sets)
         if local_ray:
             check_local_resources(spec, args.num_cpus)
@@ -249,11 +272,13 @@ def save_spec(spec: SweepSpec, exp_dir: Path, name: str, command: list[str]) -> 
         "metric": spec.metric.name,
         "mode": spec.metric.mode,
         "swept": spec.swept_params,
+        "starts": spec.search.points_to_evaluate,  # named starting points: results name their trials
+        **spec.results_meta(),  # repeats and derived fields, for reading results back (sweeps/sweep.py)
         "max_tokens": spec.total_tokens,
         "base_config": base.to_dict(),
         # Stored so that reading results never needs (or generates) the built-in corpus.
         "entropy_floor": data_paths(base)[2].get("entropy_floor_nats"),
-        "command": command,
+        "command": [scrub(arg) for arg in command],  # never a credential given in a storage URI
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     (exp_dir / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -302,12 +327,17 @@ def run(args: argparse.Namespace) -> int:
     address = cluster_address(args.address)
     worker_env = allocator_env(args.allocator, local=address is None)
     spec, storage, exp_dir, name = prepare(args)
+    plan = plan_study(args, spec, exp_dir, name)  # --warm-start, an extension: checked before Ray starts
+    check_free_space(spec, storage, exp_dir, args.resume)  # local storage: room for what the sweep writes
     with driver_lock(exp_dir):  # one driver per sweep, released by the kernel even after a SIGKILL
         if args.resume and "://" not in storage:
             check_experiment_state(exp_dir)
         if not args.resume:
             save_spec(spec, exp_dir, name, [sys.executable, *sys.argv])
-        return _run_locked(args, spec, storage, exp_dir, name, address, worker_env)
+            open_study(plan)
+        else:
+            record_extension(plan, exp_dir)
+        return _run_locked(args, spec, storage, exp_dir, name, address, worker_env, plan)
 
 
 def check_experiment_state(exp_dir: Path) -> None:
@@ -337,6 +367,7 @@ def _run_locked(
     name: str,
     address: str | None,
     worker_env: dict[str, str],
+    plan: StudyPlan | None = None,
 ) -> int:
     from sweeps.results import load_sweep, print_table, write_results
 
@@ -347,62 +378,106 @@ def _run_locked(
         print(f"trial workers preload {worker_env['LD_PRELOAD']} (--allocator system: glibc malloc)", flush=True)
     try:
         check_storage_shared(storage, exp_dir)
-        exp_path = f"{storage.rstrip('/')}/{name}"
-        make_tuner(args, spec, storage, exp_dir, name, local=address is None).fit()  # failed trials do not raise
+        exp_path = join(storage, name)
+        watches = RunWatches(spec, exp_dir, storage)  # a full disk, resources no node has: end the run early
+        with watches.catching():
+            tuner = make_tuner(args, spec, storage, exp_dir, name, local=address is None, plan=plan)
+            ray_compat.add_tuner_callbacks(tuner, watches.callbacks)  # live objects, not those in tuner.pkl
+            tuner.fit()  # failed trials do not raise
         # Read the saved experiment state, not fit()'s results: after Ctrl-C Ray marks the interrupted trials
         # TERMINATED in memory, while the saved state (what --resume continues) still has them running.
         # Written before Ray shuts down, which Ray no longer needs.
-        sweep = load_sweep(exp_dir if (exp_dir / META_FILE).exists() else exp_path)
-        write_results(sweep, exp_dir)
+        remote = Storage.at(exp_path)
+        mirror(exp_dir, remote, [META_FILE, SPEC_FILE, STATUS_FILE])  # a remote sweep reads its trials from there
+        sweep = load_sweep(exp_path)
+        if watches.stop is None or watches.stop.write_results:  # not on a full disk
+            write_results(sweep, exp_dir)
+            if mirror(exp_dir, remote):  # the results and the trials' logs, beside Ray's files
+                print(f"results copied to {remote.show()} (local copy: {exp_dir})", flush=True)
     finally:
         ray.shutdown()
     print_table(sweep)
+    if watches.stop is not None:
+        return watches.report(resume_command(args, name, exp_dir))
     return exit_code(sweep, spec, args, name, exp_dir)
 
 
-def make_tuner(args: argparse.Namespace, spec: SweepSpec, storage: str, exp_dir: Path, name: str, local: bool):
-    """The `tune.Tuner` of a new sweep, or of the interrupted one `--resume` continues (Ray is running)."""
+def make_tuner(
+    args: argparse.Namespace,
+    spec: SweepSpec,
+    storage: str,
+    exp_dir: Path,
+    name: str,
+    local: bool,
+    plan: StudyPlan | None = None,
+):
+    """The `tune.Tuner` of a new sweep, or of the interrupted (or extended) one `--resume` continues (Ray is
+    running). `plan`: the Optuna study's storage and the extension (sweeps/study.py); None: a study in memory."""
     import ray
     from ray import tune
 
+    from sweeps.compute import record_resources
     from sweeps.console import make_stall_watch
-    from sweeps.schedulers import scheduler
+    from sweeps.progress import progress_callback
+    from sweeps.schedulers import checkpoints_to_keep, describe, scheduler
     from sweeps.search import search_algorithm
     from sweeps.space import param_space
+    from sweeps.tracking import tracking_callbacks
     from sweeps.trainable import train_trial
 
     gpu = gpus_per_trial(spec)
     cpu = cpus_per_trial(spec, gpu, args.num_cpus if local else None)
     warn_if_unschedulable(spec, cpu, gpu)  # a cluster may grow: warn, never refuse
+    record_resources(exp_dir, cpu, gpu)  # for the compute accounting (sweeps/compute.py)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, spec=spec, threads=max(1, int(cpu)), gpu=gpu, exp_dir=str(exp_dir)),
         {"cpu": cpu, "gpu": gpu},
     )
-    exp_path = f"{storage.rstrip('/')}/{name}"
+    exp_path = join(storage, name)
+    callbacks = [
+        make_callback(spec, args.quiet),
+        make_stall_watch(spec),
+        status_callback(exp_dir),
+        *(
+            []
+            if "://" not in storage
+            else [mirror_callback(exp_dir, Storage.at(exp_path), (META_FILE, SPEC_FILE, STATUS_FILE))]
+        ),
+        *tracking_callbacks(spec, name, exp_dir),
+        *([] if args.quiet else [progress_callback(spec)]),
+    ]
     if args.resume:
         if not tune.Tuner.can_restore(exp_path):
-            raise SweepInputError(f"{exp_path}: --resume: no restorable sweep state there")
-        print(f"resuming sweep '{name}' from {exp_path}", flush=True)
+            raise SweepInputError(f"{scrub(exp_path)}: --resume: no restorable sweep state there")
+        print(f"resuming sweep '{name}' from {scrub(exp_path)}", flush=True)
         for line in repair_pruned_checkpoints(exp_path):
             print(line, flush=True)
-        return tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        ray_compat.new_trials_follow_a_moved_sweep()  # a sweep moved to a larger disk stays there
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        # This run's callbacks (this directory, even when moved; this --quiet), not those pickled in tuner.pkl.
+        ray_compat.add_tuner_callbacks(tuner, callbacks, replace=True)
+        if plan is not None:
+            extend_tuner(tuner, plan)
+        return tuner
     total_cpus = ray.cluster_resources().get("CPU", 1)
     max_conc = spec.search.max_concurrent_trials or max(1, int(total_cpus // cpu))
     print(
-        f"sweep '{name}': {spec.num_samples} trials ({spec.search.algorithm}/{spec.scheduler.type}), "
+        f"sweep '{name}': {spec.expected_trials} trials ({spec.search.algorithm}/{spec.scheduler.type}), "
         f"up to {max_conc} at once, {cpu:g} CPU + {gpu:g} GPU each, {spec.total_tokens:,} tokens per trial; "
-        f"results in {exp_path}",
+        f"results in {scrub(exp_path)}",
         flush=True,
     )
+    if (population := describe(spec)) is not None:
+        print(population, flush=True)
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=spec.metric.name,
             mode=spec.metric.mode,
-            search_alg=search_algorithm(spec, max_conc),
+            search_alg=search_algorithm(spec, max_conc, plan and plan.storage, name),
             scheduler=scheduler(spec),
-            num_samples=spec.num_samples,
+            num_samples=spec.tune_num_samples,  # with repeats: every trial of every group (sweeps/repeats.py)
             max_concurrent_trials=max_conc if spec.search.algorithm == "optuna" else None,
             reuse_actors=True,
         ),
@@ -410,12 +485,12 @@ def make_tuner(args: argparse.Namespace, spec: SweepSpec, storage: str, exp_dir:
             name=name,
             storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=spec.checkpoint.num_to_keep,
+                num_to_keep=checkpoints_to_keep(spec),  # pbt/pb2 keep more: other trials exploit them
                 checkpoint_score_attribute=spec.metric.name,
                 checkpoint_score_order=spec.metric.mode,
             ),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=[make_callback(spec, args.quiet), make_stall_watch(spec), status_callback(exp_dir)],
+            callbacks=callbacks,
             verbose=0,
         ),
     )
@@ -426,7 +501,7 @@ def resume_command(args: argparse.Namespace, name: str, exp_dir: Path) -> str:
     `python PATH/run_sweep.py`), its name, its storage (absolute when local) and where Ray runs."""
     invoked = sys.argv[0] if sys.argv else ""
     command = ["python", invoked] if Path(invoked).name == "run_sweep.py" else ["lm-sweep"]
-    storage = args.storage_path if storage_root(args.storage_path)[1] is None else str(exp_dir.parent)
+    storage = scrub(args.storage_path) if storage_root(args.storage_path)[1] is None else str(exp_dir.parent)
     command += ["--name", name, "--storage-path", storage]
     if args.address:
         command += ["--address", args.address]

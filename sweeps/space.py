@@ -13,10 +13,13 @@ stop: {max_tokens: 2_000_000, divergence_loss: 10.0}
 checkpoint: {num_to_keep: 2}
 max_failures: 2
 stall: {warn_after_s: 60, timeout_s: null}   # silent trials: warn; fail and retry after timeout_s
-parameters:                             # keys are dotted config paths (lm/config.py)
+parameters:                             # keys are dotted config paths (lm/config.py), or free names
   optimizer.lr: {distribution: log_uniform_values, min: 1.0e-4, max: 3.0e-2}
   data.batch_size: {values: [16, 32, 64]}
-  model.d_model: {value: 128}
+  model.d_model: {values: [128, 256]}
+derived:                                # config fields computed from others (sweeps/derived.py)
+  model.d_ff: "round(8 / 3 * model.d_model / 64) * 64"
+repeats: 1                              # trials per configuration, each with its own train.seed
 ```
 `SweepSpec` mirrors this layout, one dataclass per section with a docstring per key. It is read by the same
 machinery as the training config (`lm.fields.build`: unknown keys, types, choices), then `parse_space` checks
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import types
 import typing
@@ -43,9 +47,12 @@ from lm.cli import InputError, find_config
 from lm.config import Config, field_paths, field_type
 from lm.fields import UNSET, ConfigError, build, coerce, dump
 from lm.record import Key
+from sweeps import derived as derived_exprs
+from sweeps import repeats as seeds
 from sweeps.layout import NAME_RULE, valid_name
 from sweeps.schedulers import Scheduler, check_scheduler
-from sweeps.search import Search, check_search
+from sweeps.search import Search, check_points, check_search
+from sweeps.tracking import Tracking, check_tracking
 
 Goal = Literal["minimize", "maximize", "min", "max"]
 MetricName = Literal[Key.val_loss, Key.best_val_loss, Key.train_loss]
@@ -79,6 +86,11 @@ class Resources:
     """CPU threads per trial, or "auto": sweeps.placement measures the best split of the machine at run time."""
     gpu: float | Literal["auto"] = 0.0
     """GPUs per trial: 0, a fraction in (0, 1] (trials share a GPU), a whole number, or "auto"."""
+    pending_timeout_s: float | None = 600.0
+    """On a Ray cluster (--address): when trials have waited this many seconds for a node with the CPUs and GPUs
+    above and no node of the cluster has them, the sweep ends (exit 1, results written) with one line naming what a
+    trial asks and what the cluster has; null: wait for such a node (an autoscaler) forever. A local Ray refuses
+    such resources before it starts."""
 
 
 @dataclass
@@ -137,6 +149,11 @@ class Param:
     def swept(self) -> bool:
         return self.distribution != "value" and not (self.distribution == "values" and len(self.values) == 1)
 
+    @property
+    def ends(self) -> list[Any]:
+        """The values validation tries: the constant, every listed value, or both ends of the range."""
+        return {"value": [self.value], "values": self.values}.get(self.distribution, [self.min, self.max])
+
 
 @dataclass
 class SweepSpec:
@@ -168,8 +185,20 @@ class SweepSpec:
     """Restarts of a failed trial from its last checkpoint; -1: unlimited."""
     stall: Stall = field(default_factory=Stall)
     """Warning about, and failing, trials that stop reporting."""
+    tracking: Tracking = field(default_factory=Tracking)
+    """TensorBoard, Weights & Biases and MLflow runs of the trials."""
     parameters: dict[str, Param] = field(default_factory=dict)
-    """Dotted config paths (lm/config.py) and how each trial sets them; the rest comes from base_config."""
+    """Dotted config paths (lm/config.py) and how each trial sets them; the rest comes from base_config. A name
+    without a dot (base_lr) is a free name: swept like the others, it sets no config field, only `derived`
+    expressions read it (at least one must)."""
+    derived: dict[str, str] = field(default_factory=dict)
+    """Config fields computed for each trial from other fields and free names: dotted path -> expression, e.g.
+    model.d_ff: "round(8 / 3 * model.d_model / 64) * 64" (sweeps/derived.py: numbers, dotted fields, free names,
+    + - * / // % **, comparisons, x if c else y, round min max abs int float log exp sqrt)."""
+    repeats: int | None = None
+    """Trials per configuration, each with its own train.seed (the base seed + 0, 1, ..., repeats - 1): results
+    show the metric's mean and std per configuration, and the best configuration is the best mean. Null: 1. Under
+    search.algorithm grid, num_samples K > 1 runs of the grid are repeats too: K x repeats seeds per point."""
     source: str = field(default="<space>", init=False)
     """The file the space came from, for messages."""
     base: Config = field(default_factory=Config, init=False, repr=False)
@@ -179,29 +208,99 @@ class SweepSpec:
     def swept_params(self) -> list[str]:
         return [path for path, p in self.parameters.items() if p.swept]
 
+    @property
+    def repeat_count(self) -> int:
+        """Trials per configuration (1: no repeats)."""
+        return self.repeats or 1
+
+    @property
+    def tune_num_samples(self) -> int:
+        """Tune's num_samples: configurations times repeats under optuna (Ray's Repeater counts every trial);
+        under random and grid the repeats are a grid axis of train.seed, which Tune multiplies by itself."""
+        return self.num_samples * self.repeat_count if self.search.algorithm == "optuna" else self.num_samples
+
     def trial_base(self) -> Config:
         """The base config with the sweep-wide settings (stop.*) applied: every trial starts from it."""
         overrides = {f"train.{k}": v for k, v in dataclasses.asdict(self.stop).items() if v is not None}
         return self.base.replace(overrides, self.source) if overrides else self.base
 
     def trial_config(self, sampled: dict[str, Any]) -> Config:
-        """Base + sampled overrides (a trial's config); raises ConfigError for an invalid combination."""
+        """Base + constants + sampled overrides + the derived fields (a trial's config).
+
+        `sampled` is the searcher's config: dotted config paths, free names (a free name missing from it takes
+        its low end: min, or the first of values) and, under optuna with repeats, Ray's repeat index, which sets
+        train.seed to the base seed + index. Raises ConfigError for an invalid combination, and
+        "trial: derived.KEY: why" for an expression that cannot be evaluated."""
+        sampled = dict(sampled)
+        index = sampled.pop(seeds.TRIAL_INDEX, None)
         constants = {path: p.value for path, p in self.parameters.items() if p.distribution == "value"}
         # A continuous draw for an integer field (e.g. log-uniform warmup steps) is rounded.
-        sampled = {
+        overrides = {
             k: int(round(v)) if isinstance(v, float) and _base_type(field_type(k)) is int else v
-            for k, v in sampled.items()
+            for k, v in {**constants, **sampled}.items()
+            if "." in k
         }
-        return self.trial_base().replace({**constants, **sampled}, source="trial")
+        if index is not None:
+            overrides[seeds.SEED] = overrides.get(seeds.SEED, self.trial_base().train.seed) + int(index)
+        if self.derived:
+            free = {k: v for k, v in {**self.free_defaults, **constants, **sampled}.items() if "." not in k}
+            overrides.update(self._derived_values(overrides, free))
+        return self.trial_base().replace(overrides, source="trial")
+
+    @property
+    def free_defaults(self) -> dict[str, Any]:
+        """Each free name (a parameter without a dot) at its low end: the value a trial config built without it
+        (the data check, the metadata's base config) uses."""
+        return {path: p.ends[0] for path, p in self.parameters.items() if "." not in path}
+
+    def _derived_values(self, overrides: dict[str, Any], free: dict[str, Any]) -> dict[str, Any]:
+        """The derived fields, typed to their config fields, for a trial with these overrides and free names."""
+        base = self.trial_base().to_dict()
+
+        def lookup(name: str) -> Any:
+            if "." not in name:
+                return free[name]
+            if name in overrides:
+                return overrides[name]
+            section, _, key = name.partition(".")
+            return base[section][key]
+
+        expressions = {key: self._parsed_derived(key) for key in self.derived}
+        try:
+            values = derived_exprs.compute(expressions, derived_exprs.order(expressions), lookup)
+        except derived_exprs.DerivedError as e:
+            raise ConfigError(f"trial: derived.{e}") from None
+        typed = {}
+        for key, value in values.items():
+            try:
+                typed[key] = coerce(value, field_type(key), f"trial: derived.{key}")
+            except ConfigError as e:
+                raise ConfigError(f"{e} (the expression gives {value!r}; round() it for an integer field)") from None
+        return typed
+
+    def _parsed_derived(self, key: str) -> derived_exprs.Expression:
+        return derived_exprs.parse(key, self.derived[key], _is_field, {p for p in self.parameters if "." not in p})
 
     @property
     def expected_trials(self) -> int:
-        """Trials a complete sweep runs: num_samples, times the grid's size under algorithm grid."""
+        """Trials a complete sweep runs: num_samples, times the grid's size under algorithm grid, times repeats."""
         if self.search.algorithm != "grid":
-            return self.num_samples
-        return self.num_samples * math.prod(
-            len(p.values) for p in self.parameters.values() if p.distribution == "values"
+            return self.num_samples * self.repeat_count
+        return (
+            self.num_samples
+            * self.repeat_count
+            * math.prod(len(p.values) for p in self.parameters.values() if p.distribution == "values")
         )
+
+    def results_meta(self) -> dict[str, Any]:
+        """What reading the results back needs to know of repeats and derived fields (stored in sweep_meta.json):
+        the repeat count, the derived expressions and the free names' constants and defaults."""
+        free = {**self.free_defaults, **{k: p.value for k, p in self.parameters.items() if p.distribution == "value"}}
+        return {
+            "repeats": self.repeat_count,
+            "derived": dict(self.derived),
+            "free_names": {k: v for k, v in free.items() if "." not in k},
+        }
 
     @property
     def total_tokens(self) -> int:
@@ -239,9 +338,9 @@ def load_space(path: str | Path, sets: list[str] | None = None) -> SweepSpec:
 
 
 def _apply_set(raw: dict[str, Any], item: str, src: str) -> None:
-    """`num_samples=4`, `search.seed=1`, `parameters.optimizer.lr.max=1e-2`, or a config field
-    (`train.compile=true`), which becomes a constant parameter. Raises SpaceError for a value that is not YAML,
-    an unknown key, or a section of the file on the way that is not a mapping."""
+    """`num_samples=4`, `search.seed=1`, `parameters.optimizer.lr.max=1e-2`, `derived.model.d_ff=EXPR`, or a
+    config field (`train.compile=true`), which becomes a constant parameter. Raises SpaceError for a value that is
+    not YAML, an unknown key, or a section of the file on the way that is not a mapping."""
     key, eq, text = item.partition("=")
     if not eq:
         raise SpaceError(f"--set {item}: expected key=value")
@@ -260,6 +359,8 @@ def _apply_set(raw: dict[str, Any], item: str, src: str) -> None:
                 f"--set {item}: no parameter '{param}' in {src} (to fix a config field use --set {rest}=...)"
             )
         _mapping_at(raw, ["parameters", param], src, item)[attr] = value
+    elif head == "derived":  # its keys are dotted paths: derived.model.d_ff="model.d_model * 4"
+        _mapping_at(raw, ["derived"], src, item)[rest] = value
     elif head in (f.name for f in dataclasses.fields(SweepSpec) if f.init):
         parts = key.split(".")
         _mapping_at(raw, parts[:-1], src, item)[parts[-1]] = value
@@ -299,6 +400,10 @@ def parse_space(raw: dict[str, Any], src: str = "<space>", spec_dir: Path | None
     spec.name = spec.name or Path(src).stem
     if spec.num_samples is None:
         spec.num_samples = 1 if spec.search.algorithm == "grid" else 8  # a grid runs each point once
+    if spec.search.algorithm == "grid" and spec.num_samples > 1:
+        # More runs of a grid are repeats with other seeds (identical runs would teach nothing): K runs of a grid
+        # with repeats R are K * R seeds per point.
+        spec.repeats, spec.num_samples = spec.num_samples * (1 if spec.repeats is None else spec.repeats), 1
     if spec.base_config is not None:
         spec.base_config = str(_resolve_base(spec.base_config, src, spec_dir or Path.cwd()))
     try:
@@ -358,13 +463,14 @@ def _validate(spec: SweepSpec) -> None:
         ("stop.max_tokens", spec.stop.max_tokens),
         ("stop.divergence_loss", spec.stop.divergence_loss),
         ("checkpoint.num_to_keep", spec.checkpoint.num_to_keep),
+        ("repeats", spec.repeats),
         ("stall.warn_after_s", spec.stall.warn_after_s),
         ("stall.timeout_s", spec.stall.timeout_s),
+        ("resources_per_trial.pending_timeout_s", spec.resources_per_trial.pending_timeout_s),
     ):
         if value is not None and not value > 0:
             fail(key, "a positive number", value)
     check_search(spec, fail)
-    check_scheduler(spec, fail)
     cpu, gpu = spec.resources_per_trial.cpu, spec.resources_per_trial.gpu
     if cpu != "auto" and not cpu > 0:
         fail("resources_per_trial.cpu", 'a positive number of CPUs or "auto"', cpu)
@@ -378,15 +484,26 @@ def _validate(spec: SweepSpec) -> None:
     }
     if algorithm == "grid" and not any(p.distribution == "values" for p in spec.parameters.values()):
         raise SpaceError(f"{src}: parameters: search.algorithm grid needs at least one 'values' axis")
+    check_scheduler(spec, fail)  # after the parameters: pbt/pb2 check what they perturb
+    check_tracking(spec, fail)
+    seeds.check_repeats(spec, fail)
+    _check_derived(spec)
     _check_params_build(spec)
+    check_points(spec, fail)  # search.points_to_evaluate, against the parameters in canonical form
 
 
 def _check_param(path: str, p: Param, algorithm: str, where: str) -> Param:
     """A `parameters` entry checked against its config field and the algorithm, in canonical form: distribution
-    set ("grid" becomes "values"), every value converted to the field's type."""
-    if path not in field_paths():
-        raise SpaceError(f"{where}: not a config field (known: {', '.join(field_paths())})")
-    annotation = field_type(path)
+    set ("grid" becomes "values"), every value converted to the field's type (a free name's: a number)."""
+    if "." not in path and path.isidentifier():
+        annotation: Any = int | float  # a free name: only derived expressions read it, as a number
+    elif path not in field_paths():
+        raise SpaceError(
+            f"{where}: not a config field (known: {', '.join(field_paths())}; a name without a dot is a free name "
+            f"for derived expressions)"
+        )
+    else:
+        annotation = field_type(path)
     if p.value is not UNSET:
         given = [f.name for f in dataclasses.fields(p) if getattr(p, f.name) is not UNSET]
         others = sorted(set(given) - {"value"} - ({"distribution"} if p.distribution == "value" else set()))
@@ -452,6 +569,10 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
         return coerce(value, annotation, where)
 
 
+def _is_field(path: str) -> bool:
+    return path in field_paths()
+
+
 def _base_type(annotation: Any) -> Any:
     """int for `int | None`, etc."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -478,18 +599,95 @@ def _check_params_build(spec: SweepSpec) -> None:
         fail("stop", None, e)
     constants: dict[str, Any] = {}
     for path, p in spec.parameters.items():
-        if p.distribution == "value":
+        if p.distribution == "value" and "." in path and not spec.derived:  # derived fields may be what fixes it
             constants[path] = p.value
             try:
                 base.replace(constants, spec.source)
             except ConfigError as e:
                 fail(f"parameters.{path}", p.value, e)
     for path, p in spec.parameters.items():
-        for v in {"value": [], "values": p.values}.get(p.distribution, [p.min, p.max]):
-            try:
-                spec.trial_config({path: v})
-            except ConfigError as e:
-                fail(f"parameters.{path}", v, e)
+        for v in [] if p.distribution == "value" else p.ends:
+            _check_trial(spec, {path: v})
+    for combination in _derived_combinations(spec):
+        _check_trial(spec, combination)
+
+
+def _check_trial(spec: SweepSpec, sampled: dict[str, Any]) -> None:
+    """`spec.trial_config(sampled)` must work; else a SpaceError naming the derived expression that failed or
+    whose value the config refuses, or the parameter (or combination of parameters) that gives the bad config."""
+    try:
+        spec.trial_config(sampled)
+        return
+    except ConfigError as e:
+        message = str(e).removeprefix("trial: ")
+    at = ", ".join(f"{k}={_fmt_value(v)}" for k, v in sampled.items()) or "the base config"
+    if message.startswith("derived."):  # the expression failed, or its value is not of its field's type
+        key, _, why = message.removeprefix("derived.").partition(": ")
+        raise SpaceError(f"{spec.source}: derived.{key}: at {at}: {why}")
+    field_name = message.split(": ", 1)[0]
+    blamed = [k for k in spec.derived if k == field_name] or [k for k in spec.derived if k in message]
+    if blamed:
+        raise SpaceError(f"{spec.source}: derived.{blamed[0]}: at {at}: gives an invalid config: {message}")
+    if len(sampled) == 1:
+        ((path, value),) = sampled.items()
+        raise SpaceError(f"{spec.source}: parameters.{path}: value {value!r} gives an invalid config: {message}")
+    raise SpaceError(f"{spec.source}: parameters: {at} gives an invalid config: {message}")
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+
+MAX_COMBINATIONS = 256
+"""Validation tries every combination of the ends of the swept inputs of derived fields up to this many;
+beyond it, each input's ends with the others at their low end."""
+
+
+def _derived_combinations(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The sampled values validation tries for the derived fields: the ends of every swept parameter they read
+    (directly or through other derived fields), in every combination when there are few."""
+    if not spec.derived:
+        return []
+    read: set[str] = set()
+    for key in spec.derived:
+        read |= spec._parsed_derived(key).names
+    inputs = {path: p.ends for path, p in spec.parameters.items() if p.swept and path in read}
+    if not inputs:
+        return [{}]
+    if math.prod(len(ends) for ends in inputs.values()) <= MAX_COMBINATIONS:
+        return [dict(zip(inputs, values, strict=True)) for values in itertools.product(*inputs.values())]
+    low = {path: ends[0] for path, ends in inputs.items()}
+    return [{**low, path: v} for path, ends in inputs.items() for v in ends]
+
+
+def _check_derived(spec: SweepSpec) -> None:
+    """Each derived key a config field that nothing else sets, its expression parsed (whitelisted nodes, known
+    names), no cycle among them, and every free name read by some expression."""
+    src = spec.source
+    for key in spec.derived:
+        if key not in field_paths():
+            raise SpaceError(f"{src}: derived.{key}: expected a dotted config field (such as model.d_ff) to set")
+        if key in spec.parameters:
+            raise SpaceError(f"{src}: derived.{key}: also under parameters; a field is either swept or derived")
+        if key == seeds.SEED and spec.repeat_count > 1:
+            raise SpaceError(f"{src}: derived.{key}: repeats set train.seed; it cannot also be derived")
+        try:
+            spec._parsed_derived(key)
+        except derived_exprs.DerivedError as e:
+            raise SpaceError(f"{src}: derived.{key}: {e}") from None
+    try:
+        derived_exprs.order({key: spec._parsed_derived(key) for key in spec.derived})
+    except derived_exprs.DerivedError as e:
+        raise SpaceError(f"{src}: derived.{e}") from None
+    read: set[str] = set()
+    for key in spec.derived:
+        read |= spec._parsed_derived(key).names
+    for path in spec.parameters:
+        if "." not in path and path not in read:
+            raise SpaceError(
+                f"{src}: parameters.{path}: a free name (no dot) that no derived expression reads; config fields "
+                f"are dotted (optimizer.lr)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -498,10 +696,14 @@ def _check_params_build(spec: SweepSpec) -> None:
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    """Tune's param_space: swept paths as Tune domains (constants are applied by `trial_config`)."""
+    """Tune's param_space: swept paths (and free names) as Tune domains (constants and derived fields are applied
+    by `trial_config`); under grid and random, repeats add a grid axis of train.seed."""
     from ray import tune
 
     space: dict[str, Any] = {}
+    seed_axis = seeds.seed_axis(spec)
+    if seed_axis is not None:
+        space[seeds.SEED] = tune.grid_search(seed_axis)
     for path, p in spec.parameters.items():
         if p.distribution == "value":
             continue

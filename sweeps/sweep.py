@@ -5,7 +5,9 @@
     s.dataframe        # one row per trial: status, swept parameters, best/final metric, checkpoint, ...
     s.history          # every reported metric of every trial (long format)
     s.best_config      # the best trial's full lm Config (a dict)
+    s.by_config        # one row per configuration (trials equal but for train.seed): n, mean, std of the metric
     s.best_checkpoint  # path of the best trial's best training-state checkpoint (state.pt)
+    s.lineage          # PBT/PB2: which trial continued from whose checkpoint, when, what changed
 
 The metric columns are named after the sweep's metric: `best_val_loss` and `final_val_loss` for a val_loss
 sweep, `best_train_loss` for a train_loss one. `load_sweep` reads a local sweep from plain files only (Ray's
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,13 @@ import pandas as pd
 
 from lm.cli import InputError
 from lm.record import Key
+from sweeps import derived as derived_exprs
 from sweeps import layout
-from sweeps.ray_compat import NODE_ID, TIME_TOTAL_S, TRAINING_ITERATION, TrialRecord, read_trial_files, read_trials
-from sweeps.trial_status import read_status
+from sweeps import repeats as seeds
+from sweeps.ray_compat import NODE_ID, TIME_TOTAL_S, TRAINING_ITERATION, TrialRecord, read_trial_files
+from sweeps.search import START_ATTR, START_META, start_name
+from sweeps.storage import Storage, is_uri, scrub
+from sweeps.trial_status import parse_status
 
 
 class NotASweepError(InputError):
@@ -37,7 +44,7 @@ class NotASweepError(InputError):
 
 
 STATUSES = ("completed", "stopped_early", "diverged", "error", "running", "pending", "paused")
-HISTORY_COLUMNS = (*Key, TRAINING_ITERATION, TIME_TOTAL_S, NODE_ID)
+HISTORY_COLUMNS = (*Key, TRAINING_ITERATION, TIME_TOTAL_S, "timestamp", NODE_ID)  # timestamp: Ray's wall-clock second
 
 
 @dataclass
@@ -77,6 +84,15 @@ class Sweep:
         return self.meta.get("entropy_floor")
 
     @property
+    def lineage(self) -> pd.DataFrame:
+        """PBT/PB2 exploits, one row each, oldest first: trial, from_trial, at_tokens, at_step, changes ("path: old ->
+        new; ..."), params (JSON), time (sweeps/lineage.py; read from the trials' run directories; empty for other
+        schedulers)."""
+        from sweeps.lineage import read_lineage
+
+        return read_lineage(self.path)
+
+    @property
     def result_grid(self) -> Any:
         """Ray's own ResultGrid of this experiment (read on demand)."""
         from sweeps.ray_compat import result_grid
@@ -85,11 +101,30 @@ class Sweep:
 
     @property
     def best_row(self) -> pd.Series | None:
+        """The best trial: the best by its best metric, or, where configurations ran with several seeds, the best
+        seed of the configuration with the best mean (`by_config`)."""
         df = self.dataframe
         ok = df[df[self.best_column].notna() & (df["status"] != "error")] if not df.empty else df
         if ok.empty:
             return None
+        if self.has_repeats:
+            ok = ok[ok[seeds.CONFIG_ID] == self.by_config[seeds.CONFIG_ID].iloc[0]]
         return ok.sort_values(self.best_column, ascending=self.mode == "min").iloc[0]
+
+    @property
+    def has_repeats(self) -> bool:
+        """Some configuration ran with more than one seed (repeats, or a swept train.seed)."""
+        df = self.dataframe
+        # Seeds vary only with repeats or a swept train.seed (the seed column); trials that merely drew equal values
+        # (or a sweep with nothing swept) are no repeats.
+        return seeds.SEED in df.columns and bool(df[seeds.CONFIG_ID].duplicated().any())
+
+    @property
+    def by_config(self) -> pd.DataFrame:
+        """One row per configuration (trials whose swept values are equal but for train.seed), best mean first:
+        config_id, its swept values, n (trials with a metric value), `best_<metric>_mean`, `best_<metric>_std`
+        (sample std, NaN for n < 2), best_trial_id (its best seed) and trials (errored ones included)."""
+        return seeds.by_config(self.dataframe, self.swept, self.best_column, self.mode)
 
     @property
     def best_trial_id(self) -> str | None:
@@ -99,7 +134,7 @@ class Sweep:
     @property
     def best_config(self) -> dict[str, Any] | None:
         """The best trial's full lm config (nested dict), as its checkpoint recorded it."""
-        checkpoint = self.best_checkpoint
+        checkpoint = self.local_best_checkpoint()
         if checkpoint is None:
             return None
         from lm.checkpoint import read_checkpoint
@@ -107,26 +142,66 @@ class Sweep:
         return read_checkpoint(checkpoint)["config"]
 
     @property
-    def best_checkpoint(self) -> Path | None:
+    def best_checkpoint(self) -> Path | str | None:
+        """The best trial's best state.pt: a local Path, or a URI string for a sweep in remote storage
+        (`local_best_checkpoint` downloads it)."""
         row = self.best_row
-        return None if row is None or not isinstance(row["best_checkpoint"], str) else Path(row["best_checkpoint"])
+        if row is None or not isinstance(row["best_checkpoint"], str):
+            return None
+        return row["best_checkpoint"] if is_uri(row["best_checkpoint"]) else Path(row["best_checkpoint"])
+
+    def local_best_checkpoint(self, cache: Path | None = None) -> Path | None:
+        """The best checkpoint's state.pt on this machine: the file itself for a local sweep; for a sweep in remote
+        storage, a copy downloaded through Ray's Checkpoint API into `cache` (default:
+        $LM_SWEEPS_CACHE/checkpoints/<sweep name>/<trial dir>/<checkpoint>), downloaded once."""
+        checkpoint = self.best_checkpoint
+        if checkpoint is None or isinstance(checkpoint, Path):
+            return checkpoint
+        from ray import tune
+
+        from lm.stories import default_cache_root
+
+        ckpt_uri = checkpoint.rsplit("/", 1)[0]
+        trial_dir, ckpt_name = ckpt_uri.rsplit("/", 2)[-2:]
+        root = cache or default_cache_root() / "checkpoints" / str(self.meta.get("name", "sweep"))
+        dest = root / trial_dir / ckpt_name
+        if not (dest / layout.STATE_FILE).is_file():
+            storage = Storage.at(str(self.path))
+            remote = tune.Checkpoint(storage.path(trial_dir, ckpt_name), filesystem=storage.fs)
+            partial = dest.with_name(dest.name + ".partial")  # a download cut short is never taken for whole
+            shutil.rmtree(partial, ignore_errors=True)
+            remote.to_directory(str(partial))
+            shutil.rmtree(dest, ignore_errors=True)
+            partial.replace(dest)
+        return dest / layout.STATE_FILE
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Read a sweep's experiment directory (local path or URI) into a `Sweep`.
+    """Read a sweep's experiment directory (a local path, or a URI such as s3://bucket/sweeps/NAME) into a `Sweep`,
+    from plain files only (sweep_meta.json, trial_status.jsonl, Ray's per-trial params.json/result.json/error.txt).
 
-    Raises NotASweepError (an InputError) when a local `path` has no sweep_meta.json.
+    Raises NotASweepError (an InputError, one line) when `path` holds no sweep or its storage cannot be opened.
     """
-    local = Path(path).expanduser().resolve() if "://" not in str(path) else None  # pyarrow needs absolute
-    path_str = str(local) if local is not None else str(path)
-    if local is not None and not (local / layout.META_FILE).is_file():
-        raise NotASweepError(f"{path}: not a sweep directory (no {layout.META_FILE})")
-    metric, mode = Key.val_loss, "min"
-    if local is None:  # URI storage: through Ray's experiment state
-        return build_sweep(path_str, {}, read_trials(path_str, metric, mode))
-    meta = json.loads((local / layout.META_FILE).read_text())
-    metric, mode = meta.get("metric", metric), meta.get("mode", mode)
-    return build_sweep(local, meta, read_trial_files(local, metric, mode, read_status(local)))
+    storage = open_storage(path)
+    text = storage.read_text(layout.META_FILE)
+    if text is None:
+        raise NotASweepError(f"{storage.show()}: not a sweep directory (no {layout.META_FILE})")
+    meta = json.loads(text)
+    metric, mode = meta.get("metric", Key.val_loss), meta.get("mode", "min")
+    status = parse_status(storage.read_text(layout.STATUS_FILE) or "")
+    records = read_trial_files(storage, metric, mode, status)
+    return build_sweep(storage.local_path or storage.show(), meta, records)
+
+
+def open_storage(path: str | Path) -> Storage:
+    """The storage of a sweep directory; NotASweepError (one line) when pyarrow cannot open or list it."""
+    try:
+        storage = Storage.at(path)
+        storage.is_dir()  # the first request: a missing bucket or bad credentials show here
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NotASweepError(f"{scrub(path)}: cannot open this sweep's storage ({first})") from None
+    return storage
 
 
 def build_sweep(path: Path | str, meta: dict[str, Any], records: list[TrialRecord]) -> Sweep:
@@ -143,6 +218,8 @@ def build_sweep(path: Path | str, meta: dict[str, Any], records: list[TrialRecor
             histories.append(h)
     df = pd.DataFrame(rows).rename(columns=str)  # plain str labels (Key members are str enums) for parquet
     sweep.dataframe = df.sort_values("trial_number").reset_index(drop=True) if not df.empty else df
+    if not df.empty:
+        sweep.dataframe.insert(2, seeds.CONFIG_ID, seeds.config_ids(sweep.dataframe, sweep.swept))
     sweep.history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     return sweep
 
@@ -152,6 +229,12 @@ def _trial_row(sweep: Sweep, record: TrialRecord) -> dict[str, Any]:
     row: dict[str, Any] = {"trial_id": record.trial_id, "trial_number": record.number}
     for key in sweep.swept:
         row[key] = record.config.get(key)
+    if sweep.meta.get("repeats", 1) > 1 or seeds.SEED in sweep.swept:
+        first_seed = sweep.meta.get("base_config", {}).get("train", {}).get("seed", 0)
+        row[seeds.SEED] = seeds.trial_seed(record.config, first_seed)
+    row.update(_derived_row(sweep.meta, record.config))
+    if sweep.meta.get(START_META):  # which trials were search.points_to_evaluate's named starts
+        row[START_ATTR] = start_name(sweep.meta, record.number, record.config)
     healthy = hist[hist[Key.diverged] != True] if hist is not None and Key.diverged in hist else hist  # noqa: E712
     vals = healthy[metric].dropna() if healthy is not None and metric in healthy else pd.Series(dtype=float)
     row[sweep.best_column] = float(vals.min() if sweep.mode == "min" else vals.max()) if len(vals) else math.nan
@@ -169,6 +252,44 @@ def _trial_row(sweep: Sweep, record: TrialRecord) -> dict[str, Any]:
     row["best_checkpoint"] = record.best_checkpoint
     row["trial_path"] = record.path
     return row
+
+
+def _derived_row(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The trial's derived fields (sweeps/derived.py), computed again from its searcher config, the free names'
+    constants and the base config in sweep_meta.json; None where they cannot be (a sweep's meta from before)."""
+    texts: dict[str, str] = meta.get("derived") or {}
+    if not texts:
+        return {}
+    free = {**meta.get("free_names", {}), **{k: v for k, v in config.items() if "." not in k and k in meta["swept"]}}
+    base = meta.get("base_config", {})
+
+    def lookup(name: str) -> Any:
+        if name in config:  # as trial_config: a continuous draw for an integer field is rounded
+            value = config[name]
+            return int(round(value)) if isinstance(value, float) and isinstance(_base_value(base, name), int) else value
+        if "." not in name:
+            return free[name]
+        section, _, key = name.partition(".")
+        return base[section][key]
+
+    try:
+        parsed = {k: derived_exprs.parse(k, t, lambda _: True, set(free)) for k, t in texts.items()}
+        values = derived_exprs.compute(parsed, derived_exprs.order(parsed), lookup)
+    except (derived_exprs.DerivedError, KeyError):
+        return {key: None for key in texts}
+    return {key: _like(value, _base_value(base, key)) for key, value in values.items()}
+
+
+def _base_value(base: dict[str, Any], path: str) -> Any:
+    section, _, key = path.partition(".")
+    return base.get(section, {}).get(key)
+
+
+def _like(value: Any, field_value: Any) -> Any:
+    """An integral float as an int where the field holds ints (the trial's config coerced it so)."""
+    if isinstance(value, float) and value.is_integer() and isinstance(field_value, int):
+        return int(value)
+    return value
 
 
 def _status(ray_status: str, row: dict[str, Any]) -> str:

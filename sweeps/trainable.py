@@ -3,7 +3,9 @@
 trial config = the sweep's base config + the sampled overrides. Each evaluation of the loop writes a
 training-state checkpoint and calls our reporter, which hands metrics and checkpoint to `tune.report`.
 A restarted trial (worker killed, driver resumed) continues from `tune.get_checkpoint()`, or, when that state is
-damaged, from the trial's newest checkpoint that loads (`resume_state`).
+damaged, from the trial's newest checkpoint that loads (`resume_state`). Under PBT/PB2 that checkpoint may be another
+trial's, with this trial's config perturbed: each reported checkpoint carries its owner (sweeps/lineage.py), and a
+trial continuing from another's records the exploit in its run directory and tells the driver with its first report.
 Only `tune.*` calls are used here: `ray.train.report` fails a Tune trial in Ray 2.60.
 """
 
@@ -26,9 +28,11 @@ from ray import tune
 
 from lm.checkpoint import CheckpointError, read_checkpoint
 from lm.config import Config
+from lm.record import Key
 from lm.train import train
 from sweeps.console import CHECKPOINT_NOTE
 from sweeps.layout import STATE_FILE, TRIAL_RUN_DIR
+from sweeps.lineage import LINEAGE_NOTE, OWNER_FILE, Exploit, Owner
 from sweeps.ray_compat import NODE_ID
 from sweeps.space import SweepSpec
 
@@ -51,7 +55,8 @@ def trial_config(
         "train.save_best_and_final": False,
         "train.device": "cuda" if gpu > 0 else "cpu",  # Ray set CUDA_VISIBLE_DEVICES to this trial's share
         "train.progress": "off",  # the driver prints one line per result
-        "train.tensorboard": False,  # Ray's own result files cover the sweep
+        "train.tensorboard": False,  # the driver's tracking callbacks cover the sweep (sweeps/tracking.py)
+        "train.wandb_project": None,
     }
     if config.train.num_threads is None:
         overrides["train.num_threads"] = threads
@@ -108,25 +113,36 @@ def _run_trial(
     config = trial_config(spec, sampled, trial_dir / TRIAL_RUN_DIR, gpu, threads, checkpoint_dir)
     _check_data_here(config)
 
-    resume_from, note = None, None
+    run_dir = Path(config.train.out_dir)
+    trial_id = tune.get_context().get_trial_id()
+    resume_from, note, exploit_note = None, None, None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        resume_from, note = resume_state(checkpoint, checkpoint_dir / "resume_state.pt")
+        resume_from, note, used = _resume_state(checkpoint, checkpoint_dir / "resume_state.pt")
         if note is not None:
-            _log_line(Path(config.train.out_dir), f"damaged checkpoint: {note}")
+            _log_line(run_dir, f"damaged checkpoint: {note}")
+        owner = read_owner(checkpoint.filesystem, used) if used is not None else None
+        exploit = Exploit.of(trial_id, sampled, owner) if owner is not None else None
+        if exploit is not None:  # PBT/PB2 restarted this trial from another trial's checkpoint
+            exploit.append_to(run_dir)
+            exploit_note = exploit.line()
+            _log_line(run_dir, exploit_note)
 
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], checkpoint_path: Path | None) -> None:
-        nonlocal note
+        nonlocal note, exploit_note
         metrics = {**metrics, NODE_ID: node_id}
         if note is not None:  # the driver prints it (sweeps/console.py): once, with the first report
             metrics[CHECKPOINT_NOTE], note = note, None
+        if exploit_note is not None:
+            metrics[LINEAGE_NOTE], exploit_note = exploit_note, None
         if checkpoint_path is None:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="lm-ckpt-") as d:
             _link_or_copy(checkpoint_path, Path(d) / STATE_FILE)
+            Owner(trial_id, sampled, int(metrics[Key.tokens_seen]), int(metrics[Key.step])).write(Path(d))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     summary = train(config, reporter=report, resume_from=resume_from)
@@ -151,10 +167,16 @@ def resume_state(checkpoint: tune.Checkpoint, dest: Path) -> tuple[Path | None, 
     A storage error other than a missing file propagates (the trial fails and Ray retries it, as before);
     so does CheckpointError, naming the damaged file, when the other checkpoints cannot be listed.
     """
+    path, note, _ = _resume_state(checkpoint, dest)
+    return path, note
+
+
+def _resume_state(checkpoint: tune.Checkpoint, dest: Path) -> tuple[Path | None, str | None, str | None]:
+    """`resume_state`, and the checkpoint directory (on the checkpoint's filesystem) the state came from."""
     fs, named = checkpoint.filesystem, checkpoint.path.rstrip("/")
     damaged = _fetch_state(fs, named, dest)
     if damaged is None:
-        return dest, None
+        return dest, None, named
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(posixpath.dirname(named)))
     except OSError as e:
@@ -170,11 +192,20 @@ def resume_state(checkpoint: tune.Checkpoint, dest: Path) -> tuple[Path | None, 
             continue
         if _fetch_state(fs, path, dest) is None:
             also = f" (also damaged: {', '.join(skipped)})" if skipped else ""
-            return dest, f"{damaged}: resuming from {_display(fs, path)}/{STATE_FILE} instead{also}"
+            return dest, f"{damaged}: resuming from {_display(fs, path)}/{STATE_FILE} instead{also}", path
         skipped.append(posixpath.basename(path))
     dest.unlink(missing_ok=True)
     also = f" (also damaged: {', '.join(skipped)})" if skipped else ""
-    return None, f"{damaged}, and no other checkpoint of this trial loads{also}: starting the trial from scratch"
+    return None, f"{damaged}, and no other checkpoint of this trial loads{also}: starting the trial from scratch", None
+
+
+def read_owner(fs: pyarrow.fs.FileSystem, checkpoint_path: str) -> Owner | None:
+    """The owner record of a checkpoint directory, or None (none there: a checkpoint written before lineage)."""
+    try:
+        with fs.open_input_stream(f"{checkpoint_path}/{OWNER_FILE}") as stream:
+            return Owner.parse(stream.read().decode(errors="replace"))
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def _fetch_state(fs: pyarrow.fs.FileSystem, checkpoint_path: str, dest: Path) -> str | None:

@@ -27,12 +27,16 @@ def read_status(exp_dir: Path) -> dict[str, dict[str, Any]]:
 
     A line cut short by a crash is left out (the record before it stands).
     """
-    records: dict[str, dict[str, Any]] = {}
     try:
-        lines = (Path(exp_dir) / STATUS_FILE).read_text(errors="replace").splitlines()
+        return parse_status((Path(exp_dir) / STATUS_FILE).read_text(errors="replace"))
     except OSError:
-        return records
-    for line in lines:
+        return {}
+
+
+def parse_status(text: str) -> dict[str, dict[str, Any]]:
+    """`read_status` of the file's text (from any storage)."""
+    records: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
         try:
             record = json.loads(line)
             records[str(record.pop("dir"))] = record

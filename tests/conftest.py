@@ -15,7 +15,7 @@ set_env_defaults()  # as the driver does, before any test imports Ray
 # The process-test harness (tests/support/): its plain asserts report values as a test's do, and its shared
 # fixtures (ray_tmp, twin_sweeps) are available to every test module.
 pytest.register_assert_rewrite("support")
-pytest_plugins = ["support.fixtures"]
+pytest_plugins = ["support.fixtures", "support.s3"]
 
 
 @pytest.fixture(scope="session", autouse=True)

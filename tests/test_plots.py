@@ -25,7 +25,7 @@ def test_every_plot_is_a_png_named_for_what_it_holds(recorded, tmp_path, metric)
     sweep = build_sweep(recorded, sweep.meta, read_trial_files(recorded, metric, "min", read_status(recorded)))
     written = make_plots(sweep, tmp_path)
     assert sorted(p.name for p in written) == sorted(
-        ["val_loss_vs_tokens.png", f"best_{metric}_vs_lr.png", "best_so_far.png"]
+        ["val_loss_vs_tokens.png", f"best_{metric}_vs_lr.png", "best_so_far.png", "best_so_far_vs_tokens.png"]
     )  # one swept parameter: no parallel coordinates
     for path in written:
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5_000

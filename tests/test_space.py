@@ -15,6 +15,7 @@ import yaml
 from lm.fields import field_docs
 from lm.record import Key
 from sweeps import space
+from sweeps.repeats import seed_axis
 from sweeps.schedulers import Scheduler
 from sweeps.search import Search
 from sweeps.space import SpaceError, SweepSpec, load_space, param_space
@@ -53,8 +54,8 @@ def test_every_shipped_space_loads(path):
     base = spec.trial_config({})
     if spec.stop.max_tokens is not None:
         assert base.train.max_tokens == spec.stop.max_tokens == spec.total_tokens
-    # The conversion to Tune domains covers exactly the swept parameters.
-    assert set(param_space(spec)) == set(spec.swept_params)
+    # The conversion to Tune domains covers exactly the swept parameters (and repeats' seed axis, sweeps/repeats.py).
+    assert set(param_space(spec)) == set(spec.swept_params) | ({"train.seed"} if seed_axis(spec) else set())
 
 
 def test_lr_sweep_fields():
@@ -361,7 +362,7 @@ BAD_SPACES = [
     ("scheduler-rf-one", "scheduler: {reduction_factor: 1}\n", ["scheduler.reduction_factor", "> 1"]),
     ("scheduler-rf-below-one", "scheduler: {reduction_factor: 0.5}\n", ["scheduler.reduction_factor", "> 1"]),
     ("scheduler-unknown-key", "scheduler: {grace: 10}\n", ["scheduler.grace", "unknown key", "grace_period"]),
-    ("scheduler-type", "scheduler: {type: hyperband}\n", ["scheduler.type", "'hyperband'", "asha"]),
+    ("scheduler-type", "scheduler: {type: bohb}\n", ["scheduler.type", "'bohb'", "asha"]),
     ("metric-name", "metric: {name: accuracy}\n", ["metric.name", "'accuracy'", "val_loss"]),
     ("metric-goal", "metric: {name: val_loss, goal: lowest}\n", ["metric.goal", "'lowest'", "minimize"]),
     ("search-algorithm", "search: {algorithm: bayes}\n", ["search.algorithm", "'bayes'", "optuna"]),

@@ -341,7 +341,8 @@ def test_inspect_sweep_prints_table_and_rebuilds_files(sweep_run, sweep, capsys)
     rows = table[1:4]
     assert [r.split()[0] for r in rows] == list(ranked["trial_id"].head(3))
     assert table[4] == f"best: {sweep.best_trial_id} val_loss {sweep.best_row['best_val_loss']:.4f}"
-    assert table[5].startswith("rebuilt")
+    assert table[5].startswith("tokens trained") and table[6].startswith("training compute")  # sweeps/compute.py
+    assert table[7].startswith("rebuilt")
     for name in rebuilt:
         assert (exp_dir / name).is_file(), name
     after = pd.read_csv(exp_dir / "results.csv")

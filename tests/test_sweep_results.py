@@ -78,7 +78,7 @@ def test_columns_are_named_after_the_metric(recorded):
     with contextlib.redirect_stdout(table):
         print_table(sweep)
     assert "best_train_loss" in table.getvalue() and "best_val_loss" not in table.getvalue()
-    assert table.getvalue().splitlines()[-1].startswith(f"best: {sweep.best_trial_id} train_loss ")
+    assert f"\nbest: {sweep.best_trial_id} train_loss " in table.getvalue()
 
 
 def test_maximize_picks_the_largest(recorded):
