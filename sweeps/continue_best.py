@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lm import cli
 from lm.checkpoint import CheckpointError
@@ -21,6 +22,9 @@ from lm.config import Config
 from lm.train import train_exit_code
 from sweeps.layout import BEST_DIR, DEFAULT_STORAGE
 from sweeps.storage import Storage, scrub
+
+if TYPE_CHECKING:
+    from sweeps.sweep import Sweep
 
 # A trial's run settings (its device share, threads, Ray-managed checkpoints) do not carry over.
 RUN_SETTINGS = {
@@ -43,17 +47,25 @@ def build_parser() -> cli.ArgumentParser:
     return ap
 
 
+def continued_config(sweep: Sweep, overrides: dict[str, Any]) -> tuple[Config, Path]:
+    """The best trial's config with `overrides` (dotted paths) and this machine's run settings, and its best
+    checkpoint on this machine (downloaded for a remote sweep). Output goes to SWEEP/best/continued unless
+    `train.out_dir` is given. Raises CheckpointError when no trial left a checkpoint."""
+    if sweep.best_checkpoint is None:
+        raise CheckpointError(f"{scrub(sweep.path)}: no trial of this sweep left a checkpoint")
+    checkpoint = sweep.local_best_checkpoint()  # a remote sweep's: downloaded into $LM_SWEEPS_CACHE/checkpoints
+    storage = Storage.at(str(sweep.path))
+    local_dir = storage.local_path or Path.cwd() / DEFAULT_STORAGE / storage.name
+    overrides = {"train.out_dir": str(local_dir / BEST_DIR / "continued"), **RUN_SETTINGS, **overrides}
+    config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(overrides, "command line")
+    return config, checkpoint
+
+
 def _command(args: argparse.Namespace) -> int:
     from sweeps.results import load_sweep
 
     sweep = load_sweep(args.sweep_dir)
-    if sweep.best_checkpoint is None:
-        raise CheckpointError(f"{scrub(args.sweep_dir)}: no trial of this sweep left a checkpoint")
-    checkpoint = sweep.local_best_checkpoint()  # a remote sweep's: downloaded into $LM_SWEEPS_CACHE/checkpoints
-    storage = Storage.at(args.sweep_dir)
-    local_dir = storage.local_path or Path.cwd() / DEFAULT_STORAGE / storage.name
-    overrides = {"train.out_dir": str(local_dir / BEST_DIR / "continued"), **RUN_SETTINGS, **args.overrides}
-    config = Config.from_dict(sweep.best_config, source=str(checkpoint)).replace(overrides, "command line")
+    config, checkpoint = continued_config(sweep, args.overrides)
     print(
         f"continuing trial {sweep.best_trial_id} from {sweep.best_checkpoint}"
         + (f" (downloaded to {checkpoint})" if checkpoint != sweep.best_checkpoint else "")

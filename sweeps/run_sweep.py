@@ -17,8 +17,10 @@ import os
 import shlex
 import sys
 import time
+import types
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sweeps import ray_compat
 
@@ -55,6 +57,9 @@ from sweeps.space import SweepSpec, load_space  # noqa: E402
 from sweeps.storage import Storage, fetch, join, mirror, mirror_callback, scrub  # noqa: E402
 from sweeps.study import StudyPlan, extend_tuner, open_study, plan_study, record_extension  # noqa: E402
 from sweeps.trial_status import status_callback  # noqa: E402
+
+if TYPE_CHECKING:
+    from sweeps.sweep import Sweep
 
 SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"
 """The shipped search spaces (package data): `--space lr_sweep.yaml` finds them from any directory."""
@@ -144,6 +149,11 @@ def build_parser() -> cli.ArgumentParser:
         default="auto",
         help="memory allocator trial workers preload: 'auto' (tcmalloc where installed, local Ray only),\n"
         "'system' (glibc malloc), or a shared-library path",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the resolved space, resources, rungs, budget and first trial configs; start nothing",
     )
     ap.add_argument("--quiet", action="store_true", help="no per-result lines and no status line: only the final table")
     return ap
@@ -327,6 +337,12 @@ def run(args: argparse.Namespace) -> int:
     address = cluster_address(args.address)
     worker_env = allocator_env(args.allocator, local=address is None)
     spec, storage, exp_dir, name = prepare(args)
+    args.experiment = join(storage, name)  # where the results are: `sweep()` reads them back
+    if args.dry_run:
+        from sweeps.dry_run import report
+
+        print(report(spec, scrub(join(storage, name)), args.num_cpus, local=address is None), end="")
+        return 0
     plan = plan_study(args, spec, exp_dir, name)  # --warm-start, an extension: checked before Ray starts
     check_free_space(spec, storage, exp_dir, args.resume)  # local storage: room for what the sweep writes
     with driver_lock(exp_dir):  # one driver per sweep, released by the kernel even after a SIGKILL
@@ -533,6 +549,52 @@ def main(argv: list[str] | None = None) -> int:
     """`lm-sweep`: exit 0 when every trial ran, 1 when some errored, 2 on bad input, 130 when interrupted."""
     return cli.run(run, build_parser(), argv)
 
+
+def sweep(
+    space: str | Path = DEFAULT_SPACE,
+    *,
+    name: str | None = None,
+    storage_path: str | Path = DEFAULT_STORAGE,
+    num_samples: int | None = None,
+    max_concurrent: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    warm_start: str | Path | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    quiet: bool = True,
+) -> Sweep:
+    """Run (or, with `resume`, continue) a sweep from Python, e.g. in a notebook, and return it read back as
+    `load_sweep` does: `from sweeps import run_sweep; s = run_sweep("lr_sweep.yaml", num_samples=4,
+    overrides={"stop.max_tokens": 1e6})` (the module `sweeps.run_sweep` is this function when called).
+
+    `overrides` are `--set` items: sweep settings (`search.seed`) or config fields (`train.compile`). Bad input
+    raises the project's InputError subclasses (SpaceError, SweepInputError, ...) with the CLI's one-line
+    messages, before Ray starts; an interrupted sweep (Ctrl-C) returns what it has, resumable with resume=True.
+    """
+    argv = ["--space", str(space), "--storage-path", str(storage_path)]
+    for flag, value in (("--name", name), ("--num-samples", num_samples), ("--max-concurrent", max_concurrent),
+                        ("--warm-start", warm_start), ("--address", address), ("--num-cpus", num_cpus)):  # fmt: skip
+        if value is not None:
+            argv += [flag, str(value)]
+    for key, value in (overrides or {}).items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]  # JSON is YAML: the CLI's parsing and checks apply
+    argv += ["--resume"] * resume + ["--quiet"] * quiet
+    args = parse_args(argv)
+    run(args)
+    from sweeps.sweep import load_sweep
+
+    return load_sweep(args.experiment)
+
+
+class _CallableModule(types.ModuleType):
+    """`from sweeps import run_sweep` gives this module (the CLI script's name); calling it runs `sweep()`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Sweep:
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

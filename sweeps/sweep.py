@@ -150,6 +150,28 @@ class Sweep:
             return None
         return row["best_checkpoint"] if is_uri(row["best_checkpoint"]) else Path(row["best_checkpoint"])
 
+    def load_best_model(self, device: str = "cpu") -> Any:
+        """The best trial's `TransformerLM` with its best checkpoint's weights, on `device`, in eval mode.
+        Raises CheckpointError when no trial left a checkpoint or it cannot be read."""
+        from lm.checkpoint import CheckpointError
+        from lm.generate import load_model
+
+        checkpoint = self.local_best_checkpoint()
+        if checkpoint is None:
+            raise CheckpointError(f"{scrub(self.path)}: no trial of this sweep left a checkpoint")
+        return load_model(checkpoint, device)[0]
+
+    def continue_best(self, max_tokens: int | None = None, overrides: dict[str, Any] | None = None) -> Any:
+        """Train the best trial on from its best checkpoint, as continue_best.py does, to `max_tokens` (and any
+        dotted `overrides`); returns lm.train's TrainSummary. Output: SWEEP/best/continued unless
+        `overrides["train.out_dir"]` says otherwise."""
+        from lm.train import train
+        from sweeps.continue_best import continued_config
+
+        wanted = {**({"train.max_tokens": max_tokens} if max_tokens is not None else {}), **(overrides or {})}
+        config, checkpoint = continued_config(self, wanted)
+        return train(config, resume_from=checkpoint)
+
     def local_best_checkpoint(self, cache: Path | None = None) -> Path | None:
         """The best checkpoint's state.pt on this machine: the file itself for a local sweep; for a sweep in remote
         storage, a copy downloaded through Ray's Checkpoint API into `cache` (default:
