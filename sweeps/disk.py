@@ -287,10 +287,19 @@ def make_disk_watch(spec: SweepSpec, exp_dir: Path) -> Any:
 
     per_checkpoint = estimate(spec).checkpoint_bytes
 
+    def full_here() -> bool:
+        """A write failed for lack of space in this sweep's storage (a failure recorded elsewhere in this process,
+        e.g. an earlier sweep of the same notebook or test session, is not this sweep's)."""
+        if not _disk_full.is_set():
+            return False
+        return not _disk_full_path or Path(_disk_full_path[0]).resolve().is_relative_to(exp_dir.resolve())
+
     class DiskWatch(tune.Callback):
         def __init__(self) -> None:
             self.stop: Stop | None = None
             self.last = 0.0
+            _disk_full.clear()  # what an earlier run in this process met is not this run's
+            _disk_full_path.clear()
 
         def reserve(self, running: int) -> int:
             return max(1, running) * per_checkpoint + WATCH_MARGIN_BYTES
@@ -299,7 +308,7 @@ def make_disk_watch(spec: SweepSpec, exp_dir: Path) -> Any:
             if self.stop is not None:
                 return
             now = time.monotonic()
-            if now - self.last < WATCH_INTERVAL_S and not _disk_full.is_set():
+            if now - self.last < WATCH_INTERVAL_S and not full_here():
                 return
             self.last = now
             self.check(sum(1 for t in trials if t.status == "RUNNING"))
@@ -314,9 +323,9 @@ def make_disk_watch(spec: SweepSpec, exp_dir: Path) -> Any:
             except OSError:
                 return
             reserve = self.reserve(running)
-            if free >= reserve and not _disk_full.is_set():
+            if free >= reserve and not full_here():
                 return
-            failed = f" (writing {_disk_full_path[0]} failed)" if _disk_full.is_set() and _disk_full_path else ""
+            failed = f" (writing {_disk_full_path[0]} failed)" if full_here() and _disk_full_path else ""
             self.stopped(
                 f"{mb(free)} free, the next checkpoints need about {mb(reserve)}{failed}; the sweep stopped with "
                 "every file whole"

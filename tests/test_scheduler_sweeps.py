@@ -213,11 +213,15 @@ def test_population_trials_continue_from_other_trials_checkpoints(sweeps, name):
     # donor's state (a state the donor reported), at the new config's learning rate for that step.
     trials = df.set_index("trial_id")
     for trial, group in events.groupby("trial", sort=False):
+        # Every exploit is a restart; a trial may also restart from its own checkpoint (Ray pausing it under load),
+        # which is no exploit and no event.
         restarts = [segment[0] for segment in _segments(trials.loc[trial, "trial_path"])[1:]]
-        assert len(restarts) == len(group), (trial, _segments(trials.loc[trial, "trial_path"]))
+        assert len(restarts) >= len(group), (trial, _segments(trials.loc[trial, "trial_path"]))
         donor_rows = {e: _segments(trials.loc[e, "trial_path"]) for e in group["from_trial"]}
-        for (_, e), first in zip(group.iterrows(), restarts, strict=True):
-            assert (first["tokens_seen"], first["step"]) == (e["at_tokens"] + EVAL_TOKENS, e["at_step"] + 10)
+        for _, e in group.iterrows():
+            at = (e["at_tokens"] + EVAL_TOKENS, e["at_step"] + 10)
+            first = next((r for r in restarts if (r["tokens_seen"], r["step"]) == at), None)
+            assert first is not None, (trial, at, restarts)
             assert e["at_tokens"] in {r["tokens_seen"] for seg in donor_rows[e["from_trial"]] for r in seg}
             new_config = spec.trial_config(e["params"])
             assert first["lr"] == pytest.approx(new_config.lr_at(first["step"] - 1), rel=1e-12)
