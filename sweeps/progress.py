@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from lm.record import Key
+from sweeps.trial_status import end_status
 
 if TYPE_CHECKING:
     from sweeps.space import SweepSpec
@@ -78,12 +79,8 @@ def snapshot(trials: list[Any], spec: SweepSpec, elapsed_s: float) -> Progress:
             p.errored += 1
             ended_tokens.append(seen)
         elif status == "TERMINATED":
-            if last.get(Key.diverged):
-                p.diverged += 1
-            elif last.get(Key.final_eval):
-                p.completed += 1
-            else:
-                p.stopped_early += 1
+            ended = end_status(last)  # diverged, completed or stopped_early: the Progress field of that name
+            setattr(p, ended, getattr(p, ended) + 1)
             ended_tokens.append(seen)
     p.elapsed_s = elapsed_s
     expected = sum(ended_tokens) / len(ended_tokens) if ended_tokens else budget

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from lm.record import Key
+from sweeps.trial_status import end_status
 
 if TYPE_CHECKING:
     from sweeps.space import SweepSpec
@@ -122,16 +123,6 @@ def trial_config(spec: SweepSpec, sampled: dict[str, Any]) -> dict[str, Any]:
     return {**config, "swept": {k: sampled[k] for k in spec.swept_params if k in sampled}}
 
 
-def trial_status(trial: Any, failed: bool) -> str:
-    """completed, stopped_early, diverged or error, from Ray's trial and its last result."""
-    last = trial.last_result or {}
-    if failed:
-        return "error"
-    if last.get(Key.diverged):
-        return "diverged"
-    return "completed" if last.get(Key.final_eval) else "stopped_early"
-
-
 def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}."""
     out: dict[str, Any] = {}
@@ -141,6 +132,22 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+class BestByTrial:
+    """Each trial's best value of the sweep's metric so far (`mode` "min" or "max"); non-numbers are passed over."""
+
+    def __init__(self, mode: str):
+        self.better = min if mode == "min" else max
+        self.values: dict[str, float] = {}
+
+    def update(self, trial_id: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            old = self.values.get(trial_id)
+            self.values[trial_id] = value if old is None else self.better(old, value)
+
+    def get(self, trial_id: str) -> float | None:
+        return self.values.get(trial_id)
 
 
 class Tracker:
@@ -167,7 +174,7 @@ def _tracker_callback(tracker: Tracker) -> Any:
     class TrackerCallback(tune.Callback):
         def __init__(self) -> None:
             self.off = False
-            self.best: dict[str, float] = {}
+            self.best = BestByTrial(spec.metric.mode)
 
         def _guard(self, action: Callable[[], None]) -> None:
             if self.off:
@@ -188,16 +195,13 @@ def _tracker_callback(tracker: Tracker) -> Any:
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             metrics = numeric_metrics(result)
-            if best_key in metrics:
-                better = min if spec.metric.mode == "min" else max
-                old = self.best.get(trial.trial_id)
-                self.best[trial.trial_id] = metrics[best_key] if old is None else better(old, metrics[best_key])
+            self.best.update(trial.trial_id, metrics.get(best_key))
             self._guard(lambda: tracker.log(trial.trial_id, metrics, int(result.get(Key.tokens_seen, 0))))
 
         def _end(self, trial: Any, failed: bool) -> None:
-            summary: dict[str, Any] = {STATUS_KEY: trial_status(trial, failed)}
-            if trial.trial_id in self.best:
-                summary[f"best_{best_key}"] = self.best[trial.trial_id]
+            summary: dict[str, Any] = {STATUS_KEY: end_status(trial.last_result, failed)}
+            if (best := self.best.get(trial.trial_id)) is not None:
+                summary[f"best_{best_key}"] = best
             best = ray_compat.best_checkpoint_path(trial)
             if best is not None:
                 summary["best_checkpoint"] = best
@@ -345,17 +349,13 @@ def _tensorboard_callback(spec: SweepSpec) -> Any:
     class TokensTensorBoard(TBXLoggerCallback):
         def __init__(self) -> None:
             super().__init__()
-            self._best: dict[str, float] = {}
+            self._best = BestByTrial(spec.metric.mode)
             self._failed = False
 
         def log_trial_result(self, iteration, trial, result):
             # Ray steps scalars by timesteps_total when a result has it, else by its report count.
             result = {**result, TIMESTEPS_TOTAL: result.get(Key.tokens_seen) or result.get(TIMESTEPS_TOTAL)}
-            value = result.get(metric)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                better = min if spec.metric.mode == "min" else max
-                old = self._best.get(trial.trial_id)
-                self._best[trial.trial_id] = value if old is None else better(old, value)
+            self._best.update(trial.trial_id, result.get(metric))
             super().log_trial_result(iteration, trial, result)
 
         def log_trial_end(self, trial, failed=False):
@@ -366,7 +366,7 @@ def _tensorboard_callback(spec: SweepSpec) -> Any:
             from tensorboardX.summary import hparams
 
             params = {k: v for k, v in trial.evaluated_params.items() if isinstance(v, (int, float, str, bool))}
-            params[STATUS_KEY] = trial_status(trial, self._failed)
+            params[STATUS_KEY] = end_status(trial.last_result, self._failed)
             metrics = {}
             best = self._best.get(trial.trial_id)
             if best is not None:

@@ -61,6 +61,17 @@ def ended_on_its_own(last_result: dict[str, Any] | None) -> bool:
     return bool(last.get(Key.final_eval) or last.get(Key.diverged) or last.get("done"))
 
 
+def end_status(last_result: dict[str, Any] | None, failed: bool = False) -> str:
+    """How an ended trial ended, from its last result: error, diverged, completed (its final evaluation) or
+    stopped_early (its scheduler stopped it)."""
+    last = last_result or {}
+    if failed:
+        return "error"
+    if last.get(Key.diverged):
+        return "diverged"
+    return "completed" if last.get(Key.final_eval) else "stopped_early"
+
+
 def status_callback(exp_dir: Path) -> Any:
     """A Ray Tune callback keeping `exp_dir`/trial_status.jsonl up to date (Ray must be importable)."""
     from ray import tune
