@@ -47,7 +47,7 @@ def resources(spec: SweepSpec, num_cpus: int | None, local: bool) -> list[str]:
 
 def rungs(spec: SweepSpec) -> list[str]:
     """The scheduler's decision points on its clock (tokens, unless time_attr says otherwise)."""
-    from sweeps.schedulers import POPULATION, describe
+    from sweeps.schedulers import POPULATION, describe, grace_period
 
     s, clock = spec.scheduler, spec.scheduler.time_attr
     budget = spec.total_tokens if clock == Key.tokens_seen else spec.trial_base().total_steps
@@ -56,8 +56,8 @@ def rungs(spec: SweepSpec) -> list[str]:
     if s.type in POPULATION:
         return [f"scheduler: {describe(spec)}"]
     if s.type == "median":
-        return [f"scheduler: median: from {min(s.grace_period, budget):,} {clock} on, a trial below the median stops"]
-    points, t = [], min(s.grace_period, budget)
+        return [f"scheduler: median: from {grace_period(spec, budget):,} {clock} on, a trial below the median stops"]
+    points, t = [], grace_period(spec, budget)
     while t < budget:
         points.append(int(t))
         t *= s.reduction_factor

@@ -47,6 +47,11 @@ TimeAttr = Literal[Key.tokens_seen, Key.step, "training_iteration"]  # the last:
 Fail = Callable[[str, str, Any], NoReturn]  # fail(key, expected, got): raises the space file's one-line error
 
 POPULATION = ("pbt", "pb2")
+STOPPING = ("asha", "hyperband", "median")
+GRACE_DIVISOR = 16
+"""grace_period: null is the budget / GRACE_DIVISOR (benchmarks/bench_search.py: 1/16 stopped no eventual winner at
+reduction factor 3, for the fewest tokens of 1/16, 1/8 and 1/4)."""
+TRAINING_ITERATION = "training_iteration"
 """The schedulers that move checkpoints between trials."""
 PERTURBABLE_SECTION = "optimizer."
 """PBT/PB2 perturb only fields of this config section (see the module docstring)."""
@@ -64,8 +69,9 @@ class Scheduler:
     """asha, hyperband, median, pbt, pb2 or fifo (see sweeps/schedulers.py)."""
     time_attr: TimeAttr = Key.tokens_seen.value
     """The schedulers' clock: tokens_seen (fair across batch sizes), step, or training_iteration (reports)."""
-    grace_period: int = 200_000
-    """asha, median: time every trial runs before it may be stopped; hyperband: its smallest rung."""
+    grace_period: int | None = None
+    """asha, median: time every trial runs before it may be stopped; hyperband: its smallest rung. null: 1/16 of the
+    budget (what benchmarks/bench_search.py found best with reduction_factor 3; needs a clock with a fixed budget)."""
     reduction_factor: float = 3.0
     """asha, hyperband: a trial continues past a rung when it is in the best 1/reduction_factor there (> 1)."""
     min_samples_required: int = 3
@@ -88,8 +94,10 @@ def check_scheduler(spec: SweepSpec, fail: Fail) -> None:
     """What the `scheduler` section's keys cannot check alone (called by `sweeps.space.parse_space` once the
     parameters are in canonical form). Refuses, in one line, what Ray would refuse later."""
     s = spec.scheduler
-    if not s.grace_period > 0:
-        fail("scheduler.grace_period", "a positive number", s.grace_period)
+    if s.grace_period is not None and not s.grace_period > 0:
+        fail("scheduler.grace_period", "a positive number (or null: 1/16 of the budget)", s.grace_period)
+    if s.grace_period is None and s.type in STOPPING and s.time_attr == TRAINING_ITERATION:
+        fail("scheduler.grace_period", "a number under time_attr training_iteration (no budget to take 1/16 of)", None)
     if not s.reduction_factor > 1:
         fail("scheduler.reduction_factor", "a number > 1", s.reduction_factor)
     if not s.min_samples_required >= 1:
@@ -186,6 +194,15 @@ def _budget(spec: SweepSpec) -> int | None:
     return None  # training_iteration: reports, which depend on the eval interval
 
 
+def grace_period(spec: SweepSpec, budget: int | None = None) -> int:
+    """scheduler.grace_period, or 1/GRACE_DIVISOR of the budget; never past the budget."""
+    budget = budget if budget is not None else _budget(spec)
+    g = spec.scheduler.grace_period
+    if g is None:
+        g = max(1, (budget or GRACE_DIVISOR) // GRACE_DIVISOR)
+    return min(g, budget) if budget else g
+
+
 def perturbation_interval(spec: SweepSpec, budget: int | None = None) -> int:
     """scheduler.perturbation_interval, or a quarter of the budget."""
     s = spec.scheduler
@@ -249,19 +266,20 @@ def scheduler(spec: SweepSpec):
     if s.type == "fifo":
         return FIFOScheduler()
     max_t = _budget(spec) or 10**12  # training_iteration has no fixed budget: the trials' own end stops them
+    grace = grace_period(spec, max_t)
     if s.type == "asha":
         return ASHAScheduler(
             time_attr=s.time_attr,
             max_t=max_t,
-            grace_period=min(s.grace_period, max_t),
+            grace_period=grace,
             reduction_factor=s.reduction_factor,
         )
     if s.type == "hyperband":
-        return hyperband_scheduler(s.time_attr, max_t, min(s.grace_period, max_t), s.reduction_factor)
+        return hyperband_scheduler(s.time_attr, max_t, grace, s.reduction_factor)
     if s.type == "median":
         return MedianStoppingRule(
             time_attr=s.time_attr,
-            grace_period=min(s.grace_period, max_t),
+            grace_period=grace,
             min_samples_required=s.min_samples_required,
         )
     perturbed = perturbed_params(spec)
@@ -286,4 +304,23 @@ def scheduler(spec: SweepSpec):
         quantile_fraction=s.quantile_fraction,
         resample_probability=s.resample_probability,
         custom_explore_fn=_KeepInRange(bounds),
+    )
+
+
+def concurrency_warning(spec: SweepSpec, max_concurrent: int) -> str | None:
+    """One warning line when hyperband's largest bracket holds more trials than run at once, else None.
+
+    Ray's HyperBand halves a bracket when every *live* trial of it has reached the rung, keeping the best
+    ceil(n / reduction_factor) of the bracket's size n: with fewer trials running than that, it keeps them all
+    and stops nothing (benchmarks/bench_search.py: TPE + HyperBand at 2 at once trained what FIFO did)."""
+    if spec.scheduler.type != "hyperband":
+        return None
+    hb = scheduler(spec)
+    sizes = [hb._get_n0(s) for s in range(hb._s_max_1)]
+    if max_concurrent >= max(sizes):
+        return None
+    return (
+        f"warning: hyperband's brackets hold {', '.join(map(str, sizes))} trials but {max_concurrent} run at once: "
+        f"Ray's HyperBand halves only the trials of a bracket running together, so it will stop few or none; "
+        f"asha does not need them together"
     )

@@ -16,12 +16,20 @@ from typing import Any
 
 import pyarrow.fs
 import pytest
-from support.experiment import EVAL_TOKENS, MAX_TOKENS, base_config_dict, seq_space, write_yaml
+from support.experiment import EVAL_TOKENS, MAX_TOKENS, TOKENS_PER_STEP, base_config_dict, seq_space, write_yaml
 from support.processes import RUN_SWEEP, child_env
 
 from lm.train import train
 from sweeps.lineage import LINEAGE_FILE, Exploit, Owner, lineage_markdown, read_lineage
-from sweeps.schedulers import PBT_NUM_TO_KEEP, _KeepInRange, checkpoints_to_keep, describe, perturbed_params, scheduler
+from sweeps.schedulers import (
+    PBT_NUM_TO_KEEP,
+    _KeepInRange,
+    checkpoints_to_keep,
+    concurrency_warning,
+    describe,
+    perturbed_params,
+    scheduler,
+)
 from sweeps.space import load_space
 from sweeps.trainable import read_owner
 
@@ -84,6 +92,19 @@ def test_each_type_builds_its_ray_scheduler_on_the_token_clock(tmp_path, small_c
     assert (median._grace_period, median._min_samples_required) == (5120, 3)
 
 
+def test_grace_period_defaults_to_a_sixteenth_of_the_budget(tmp_path, small_corpus):
+    """grace_period: null (the default) is budget // 16 on the token and step clocks, for every stopping scheduler."""
+    space = _space(tmp_path, small_corpus, **_pbt())
+    asha = scheduler(load_space(space, ["scheduler.type=asha"]))
+    assert asha._brackets[0]._rungs[-1][0] == MAX_TOKENS // 16  # the first rung (Ray lists them last first)
+    median = scheduler(load_space(space, ["scheduler.type=median"]))
+    assert median._grace_period == MAX_TOKENS // 16
+    steps = scheduler(load_space(space, ["scheduler.type=asha", "scheduler.time_attr=step"]))
+    assert steps._brackets[0]._rungs[-1][0] == (MAX_TOKENS // TOKENS_PER_STEP) // 16
+    given = scheduler(load_space(space, ["scheduler.type=asha", "scheduler.grace_period=5120"]))
+    assert given._brackets[0]._rungs[-1][0] == 5120
+
+
 def test_hyperband_brackets_span_grace_period_to_the_budget(tmp_path, small_corpus):
     """Ray's own geometry on a token clock would start at a rung of one token with a bracket of 3^9 trials."""
     space = _space(tmp_path, small_corpus, **_pbt())
@@ -92,6 +113,17 @@ def test_hyperband_brackets_span_grace_period_to_the_budget(tmp_path, small_corp
     brackets = [(hb._get_n0(s), hb._get_r0(s)) for s in range(hb._s_max_1)]
     assert brackets == [(3, 25_600), (5, 8_533), (9, 2_844)]
     assert min(r for _, r in brackets) >= 2560 and max(r for _, r in brackets) == MAX_TOKENS
+
+
+def test_hyperband_warns_when_its_brackets_do_not_run_together(tmp_path, small_corpus):
+    """Brackets of 3, 5, 9 trials (R = 10, eta 3): fewer than 9 at once and Ray's HyperBand halves too few."""
+    spec = load_space(
+        _space(tmp_path, small_corpus, **_pbt()), ["scheduler.type=hyperband", "scheduler.grace_period=2560"]
+    )
+    line = concurrency_warning(spec, 2)
+    assert line is not None and line.startswith("warning: hyperband's brackets hold 3, 5, 9 trials but 2 run at once")
+    assert concurrency_warning(spec, 9) is None
+    assert concurrency_warning(load_space(_space(tmp_path, small_corpus, **_pbt()), ["scheduler.type=asha"]), 1) is None
 
 
 def test_pbt_perturbs_the_swept_optimizer_fields_and_carries_the_rest(tmp_path, small_corpus):
@@ -215,6 +247,11 @@ def _bad_cases(tmp: Path, corpus: Path) -> list[tuple[str, dict[str, Any], list[
         ("median_min_samples", {"scheduler": {"type": "median", "min_samples_required": 0}}, ["min_samples_required"]),
         ("unknown_type", {"scheduler": {"type": "bohb"}}, ["scheduler.type", "'bohb'", "hyperband", "pb2"]),
         ("hyperband_rf_one", {"scheduler": {"type": "hyperband", "reduction_factor": 1}}, ["reduction_factor", "> 1"]),
+        (
+            "grace_null_on_reports",
+            {"scheduler": {"type": "asha", "time_attr": "training_iteration"}},
+            ["scheduler.grace_period", "a number under time_attr training_iteration"],
+        ),
     ]
 
 

@@ -66,25 +66,26 @@ def test_lr_sweep_fields():
     s = spec.search
     assert (s.algorithm, s.sampler, s.seed, s.max_concurrent_trials) == ("optuna", "tpe", 0, None)
     assert (spec.scheduler.type, spec.scheduler.time_attr) == ("asha", "tokens_seen")
-    assert spec.scheduler.grace_period == 150_000 and spec.scheduler.reduction_factor == 3.0
-    assert spec.num_samples == 8
+    # grace_period null: 1/16 of the budget (benchmarks/bench_search.py's pick), rungs 25k, 75k, 225k tokens
+    assert spec.scheduler.grace_period is None and spec.scheduler.reduction_factor == 3.0
+    assert spec.num_samples == 16
     assert (
         spec.resources_per_trial.cpu == "auto" and spec.resources_per_trial.gpu == 0
     )  # threads per trial measured at run time
-    assert spec.stop.max_tokens == 1_800_000 and spec.total_tokens == 1_800_000
+    assert spec.stop.max_tokens == 400_000 and spec.total_tokens == 400_000
     assert spec.stop.divergence_loss == 10.0
     assert spec.checkpoint.num_to_keep == 2 and spec.max_failures == 2
-    assert spec.swept_params == ["optimizer.lr", "optimizer.warmup_iters", "data.batch_size"]
+    assert spec.swept_params == ["optimizer.lr", "optimizer.warmup_fraction", "data.batch_size"]
     lr = spec.parameters["optimizer.lr"]
     assert (lr.distribution, lr.min, lr.max) == ("log_uniform_values", 1.0e-4, 3.0e-2)
-    warmup = spec.parameters["optimizer.warmup_iters"]
-    assert (warmup.distribution, warmup.min, warmup.max) == ("int_uniform", 5, 50)
+    warmup = spec.parameters["optimizer.warmup_fraction"]
+    assert (warmup.distribution, warmup.values) == ("values", [0.02, 0.1])
     assert spec.parameters["data.batch_size"].distribution == "values"
     assert spec.parameters["data.batch_size"].values == [16, 32, 64]
     assert spec.parameters["model.d_model"].distribution == "value"
     assert spec.parameters["model.d_model"].value == 128
     assert not spec.parameters["model.d_model"].swept
-    assert spec.parameters["train.eval_interval_tokens"].value == 150_000
+    assert spec.parameters["train.eval_interval_tokens"].value == 25_000
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,21 +93,32 @@ def test_lr_sweep_fields():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_param_space_domains_and_bounds():
+def _with_warmup_iters(tmp: Path) -> Path:
+    """The demo space with warmup swept as an integer range (optimizer.warmup_iters 5..50)."""
+    text = LR_SWEEP.read_text().replace("configs/tiny.yaml", str(REPO / "lm" / "configs" / "tiny.yaml"))
+    old = "  optimizer.warmup_fraction: {values: [0.02, 0.1]}"
+    assert old in text
+    path = tmp / "iters.yaml"
+    path.write_text(text.replace(old, "  optimizer.warmup_iters: {distribution: int_uniform, min: 5, max: 50}"))
+    return path
+
+
+def test_param_space_domains_and_bounds(tmp_path):
     from ray.tune.search import sample
 
     space = param_space(load_space(LR_SWEEP))
-    assert set(space) == {"optimizer.lr", "optimizer.warmup_iters", "data.batch_size"}
+    assert set(space) == {"optimizer.lr", "optimizer.warmup_fraction", "data.batch_size"}
 
     lr = space["optimizer.lr"]
     assert isinstance(lr, sample.Float)
     assert isinstance(lr.get_sampler(), sample.Float._LogUniform)
     assert (lr.lower, lr.upper) == (1.0e-4, 3.0e-2)
 
-    warmup = space["optimizer.warmup_iters"]
-    assert isinstance(warmup, sample.Integer)
+    warmup = space["optimizer.warmup_fraction"]
+    assert isinstance(warmup, sample.Categorical) and warmup.categories == [0.02, 0.1]
     # int_uniform is inclusive of max; Tune's randint excludes its upper bound.
-    assert (warmup.lower, warmup.upper) == (5, 51)
+    iters = param_space(load_space(_with_warmup_iters(tmp_path)))["optimizer.warmup_iters"]
+    assert isinstance(iters, sample.Integer) and (iters.lower, iters.upper) == (5, 51)
 
     batch = space["data.batch_size"]
     assert isinstance(batch, sample.Categorical)
@@ -166,14 +178,14 @@ def test_trial_config_applies_constants_and_stop_settings():
     assert spec.base.model.d_model == 128 and spec.base.train.eval_interval_tokens == 250_000
     config = spec.trial_config({})
     assert config.model.d_model == 128  # constant from the space
-    assert config.train.eval_interval_tokens == 150_000  # constant from the space (base says 250k)
-    assert config.train.max_tokens == 1_800_000  # stop.max_tokens (base says 3M)
+    assert config.train.eval_interval_tokens == 25_000  # constant from the space (base says 250k)
+    assert config.train.max_tokens == 400_000  # stop.max_tokens (base says 3M)
     assert config.train.divergence_loss == 10.0
     assert config.optimizer.lr == spec.base.optimizer.lr  # not sampled: the base value
 
 
-def test_trial_config_applies_sampled_values_and_rounds_integer_fields():
-    spec = load_space(LR_SWEEP)
+def test_trial_config_applies_sampled_values_and_rounds_integer_fields(tmp_path):
+    spec = load_space(_with_warmup_iters(tmp_path))
     config = spec.trial_config({"optimizer.lr": 1.5e-3, "optimizer.warmup_iters": 7.6, "data.batch_size": 64})
     assert config.optimizer.lr == 1.5e-3
     assert config.optimizer.warmup_iters == 8 and isinstance(config.optimizer.warmup_iters, int)
@@ -202,7 +214,7 @@ def test_set_top_level_and_nested():
     assert spec.search.algorithm == "optuna" and spec.search.sampler == "tpe"  # untouched siblings stay
     # New nested mappings are created on the way.
     spec = load_space(LR_SWEEP, sets=["scheduler.type=fifo"])
-    assert spec.scheduler.type == "fifo" and spec.scheduler.grace_period == 150_000
+    assert spec.scheduler.type == "fifo" and spec.scheduler.grace_period is None
 
 
 def test_set_parameter_attribute():
@@ -229,7 +241,7 @@ def test_set_does_not_modify_the_file(tmp_path):
     path.write_text(text)
     load_space(path, sets=["num_samples=2"])
     assert path.read_text() == text
-    assert load_space(path).num_samples == 8
+    assert load_space(path).num_samples == 16
 
 
 @pytest.mark.parametrize(
