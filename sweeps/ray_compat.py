@@ -104,6 +104,43 @@ def interrupt_tune_run() -> None:
     os.kill(os.getpid(), signal.SIGUSR1)
 
 
+@contextlib.contextmanager
+def sigterm_ends_tune_run() -> Iterator[None]:
+    """Within the block (around `Tuner.fit()`), a SIGTERM ends the run as Ctrl-C does (`interrupt_tune_run`): Ray
+    saves the experiment state one last time, running trials stay resumable, and the driver writes its results
+    and exits 130 with the resume command. A second SIGTERM does what the previous handler does.
+
+    `ray job stop` sends the job's driver SIGTERM (SIGINT is blocked in it), then SIGKILL after
+    RAY_JOB_STOP_WAIT_TIME_S (3 s by default). Without this, the handler `ray.init` installs exits at once from
+    wherever the driver is: no last snapshot, only the periodic one. A SIGTERM before Tune's own handler is in
+    place (it is installed when the run starts) also gets the previous handler. Main thread only (else nothing).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):  # Tune not running yet
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                raise SystemExit(128 + signum)
+            return
+        print("SIGTERM: stopping the sweep; Ray saves its state (resumable with --resume)", flush=True)
+        interrupt_tune_run()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 TUNE_RUN_LOGGER = "ray.tune.tune"
 NO_SPACE_LOGGERS = ("ray.tune.execution.experiment_state", "ray.tune.execution.tune_controller", TUNE_RUN_LOGGER)
 """Ray's loggers that print a traceback when a write into storage fails: saving the experiment state (the

@@ -54,7 +54,16 @@ from sweeps.layout import (  # noqa: E402
 )
 from sweeps.lock import driver_lock  # noqa: E402
 from sweeps.space import SweepSpec, load_space  # noqa: E402
-from sweeps.storage import Storage, fetch, join, mirror, mirror_callback, scrub  # noqa: E402
+from sweeps.storage import (  # noqa: E402
+    Storage,
+    StorageError,
+    check_writable_uri,
+    fetch,
+    join,
+    mirror,
+    mirror_callback,
+    scrub,
+)
 from sweeps.study import StudyPlan, extend_tuner, open_study, plan_study, record_extension  # noqa: E402
 from sweeps.trial_status import status_callback  # noqa: E402
 
@@ -168,8 +177,8 @@ def storage_root(text: str) -> tuple[str, Path | None]:
     """(storage path for Ray, local directory or None for a remote URI), creating nothing.
 
     A local path or a file:// URI becomes an absolute directory; any other URI must name a filesystem that the
-    installed pyarrow serves (s3://, gs://, hdfs://, abfs://, ...). Checked without contacting any server: a
-    wrong bucket or credentials show only when Ray writes. Raises SweepInputError.
+    installed pyarrow serves (s3://, gs://, hdfs://, abfs://, ...). Checked without contacting any server
+    (`check_uri_writable` does, in `prepare`). Raises SweepInputError.
     """
     scheme, sep, _ = text.partition("://")
     if sep and scheme in ("file", "local"):
@@ -210,6 +219,15 @@ def check_writable(path: Path) -> None:
         raise SweepInputError(f"{path}: --storage-path is not writable ({e.strerror})") from None
 
 
+def check_uri_writable(storage: str) -> None:
+    """Write and delete a probe object under the storage URI `storage`; raises SweepInputError, one line naming
+    the cause (missing bucket, rejected or missing credentials, access denied, unreachable), before Ray starts."""
+    try:
+        check_writable_uri(storage)
+    except StorageError as e:
+        raise SweepInputError(f"{e.shown}: --storage-path: {e.reason}") from None
+
+
 def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
     """Everything that can fail on bad input, before Ray: (spec, storage, local experiment dir, name).
 
@@ -245,12 +263,16 @@ def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
             check_local_resources(spec, args.num_cpus)
         if local_root is not None:
             check_writable(local_root)
+        else:
+            check_uri_writable(storage)
         return spec, storage, exp_dir, args.name
     spec = load_space(find_space(args.space), sets)
     if local_ray:
         check_local_resources(spec, args.num_cpus)
     if local_root is not None:
         check_writable(local_root)
+    else:
+        check_uri_writable(storage)
     name = args.name or spec.name
     exp_dir = results_root / name
     if local_root is not None and (exp_dir / META_FILE).exists():
@@ -399,7 +421,8 @@ def _run_locked(
         with watches.catching():
             tuner = make_tuner(args, spec, storage, exp_dir, name, local=address is None, plan=plan)
             ray_compat.add_tuner_callbacks(tuner, watches.callbacks)  # live objects, not those in tuner.pkl
-            tuner.fit()  # failed trials do not raise
+            with ray_compat.sigterm_ends_tune_run():  # `ray job stop`: a last snapshot, results, exit 130
+                tuner.fit()  # failed trials do not raise
         # Read the saved experiment state, not fit()'s results: after Ctrl-C Ray marks the interrupted trials
         # TERMINATED in memory, while the saved state (what --resume continues) still has them running.
         # Written before Ray shuts down, which Ray no longer needs.
@@ -435,7 +458,7 @@ def make_tuner(
     from sweeps.compute import record_resources
     from sweeps.console import make_stall_watch
     from sweeps.progress import progress_callback
-    from sweeps.schedulers import checkpoints_to_keep, describe, scheduler
+    from sweeps.schedulers import checkpoints_to_keep, concurrency_warning, describe, scheduler
     from sweeps.search import search_algorithm
     from sweeps.space import param_space
     from sweeps.tracking import tracking_callbacks
@@ -485,6 +508,8 @@ def make_tuner(
     )
     if (population := describe(spec)) is not None:
         print(population, flush=True)
+    if (warning := concurrency_warning(spec, max_conc)) is not None:
+        print(warning, flush=True)
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),

@@ -10,14 +10,17 @@ removes them from any URI shown or stored.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import shutil
+import time
 import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow.fs
 
+from lm.cli import InputError
 from lm.files import write_atomic
 
 SECRET_PARAMS = ("access_key", "secret_key", "session_token")
@@ -170,6 +173,109 @@ class Storage:
             destination_filesystem=pyarrow.fs.LocalFileSystem(),
         )
         return dest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Can a new sweep write there? A probe object, and pyarrow's errors in one line each
+# ---------------------------------------------------------------------------------------------------
+
+
+class StorageError(InputError):
+    """A storage URI a sweep cannot write into: one line `URI: REASON`, without the credentials."""
+
+    def __init__(self, shown: str, reason: str):
+        super().__init__(f"{shown}: {reason}")
+        self.shown, self.reason = shown, reason
+
+
+PROBE_NAME = ".lm-sweeps-write-test"
+"""The probe object's name (with the process id and a time), written and deleted under the storage root."""
+
+# pyarrow's S3 and GCS errors carry the service's error code or message ("AWS Error NO_SUCH_BUCKET during ...").
+_MISSING_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket", "specified bucket does not exist")
+_REJECTED = (
+    "INVALID_ACCESS_KEY_ID",
+    "InvalidAccessKeyId",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "SignatureDoesNotMatch",
+    "EXPIRED_TOKEN",
+    "ExpiredToken",
+    "InvalidToken",
+    "UNAUTHENTICATED",
+)
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "PERMISSION_DENIED", "HTTP status 403")
+_UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Could not resolve host", "UNAVAILABLE")
+_AWS_CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+
+
+def check_writable_uri(location: str) -> None:
+    """Write a small probe object under the storage URI `location` (s3://bucket/prefix, ...) and delete it again,
+    through pyarrow as Ray writes. Returns when both worked; otherwise raises StorageError, one line naming the
+    cause: a bucket that does not exist, credentials the storage rejected, no credentials found, writing denied,
+    an endpoint that cannot be reached (else pyarrow's first line). Credentials never appear in the message."""
+    try:
+        storage = Storage.at(location)
+        probe = storage.path(f"{PROBE_NAME}-{os.getpid()}-{time.time_ns()}")
+        with storage.fs.open_output_stream(probe) as out:
+            out.write(b"lm-sweeps: can a sweep write here?\n")
+        storage.fs.delete_file(probe)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its service errors OSErrors
+        raise StorageError(scrub(location), storage_problem(location, e)) from None
+
+
+def storage_problem(location: str, error: BaseException) -> str:
+    """What `error` (pyarrow's, from opening or writing the storage URI `location`) means, in a few words and
+    one line, with any credential of `location` hidden."""
+    text = _hide_secrets(" ".join(str(error).split()) or type(error).__name__, location)
+    bucket = urllib.parse.urlsplit(location).netloc.rpartition("@")[2]
+    if any(mark in text for mark in _MISSING_BUCKET) or f"Bucket '{bucket}' not found" in text:
+        return f"the bucket '{bucket}' does not exist (create it first, or check its name and the endpoint)"
+    if any(mark in text for mark in _UNREACHABLE):
+        return f"cannot reach the storage ({text})"
+    if location.startswith("s3://") and not aws_credentials_visible(location):
+        # pyarrow then sends unsigned requests: S3 answers 403, some servers other errors.
+        return (
+            "no credentials found (in the URI, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws) "
+            "and the storage refused a request without them"
+        )
+    if any(mark in text for mark in _REJECTED):
+        return "the storage rejected the credentials (an unknown access key, a wrong secret or an expired token)"
+    if any(mark in text for mark in _DENIED):
+        return "not writable with these credentials (access denied writing a test object)"
+    return f"cannot write a test object there ({text})"
+
+
+def aws_credentials_visible(location: str) -> bool:
+    """Whether credentials for an s3:// URI are given anywhere this process can see: in the URI, the environment,
+    or the AWS configuration files (a cloud machine's instance role cannot be seen without asking its metadata
+    server, and does not count)."""
+    parts = urllib.parse.urlsplit(location)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    if "@" in parts.netloc or query.get("access_key") or any(os.environ.get(name) for name in _AWS_CREDENTIAL_ENV):
+        return True
+    files = [
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or Path.home() / ".aws" / "credentials",
+        os.environ.get("AWS_CONFIG_FILE") or Path.home() / ".aws" / "config",
+    ]
+    return any(Path(f).is_file() for f in files)
+
+
+def _hide_secrets(text: str, location: str) -> str:
+    """`text` with every credential `location` carries (user info, secret query parameters) replaced by ***."""
+    parts = urllib.parse.urlsplit(location)
+    userinfo = parts.netloc.rpartition("@")[0]
+    secrets = [form for s in userinfo.split(":") if s for form in (s, urllib.parse.unquote(s))] if userinfo else []
+    secrets += [v for k, v in urllib.parse.parse_qsl(parts.query) if k in SECRET_PARAMS and v]
+    text = text.replace(location, scrub(location))
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------
