@@ -88,3 +88,20 @@ def test_lr_steps_are_log_spaced_between_the_ends(bench):
     spec = parse_space(p.space({"algorithm": "random"}, {"type": "fifo"}, 1), "bench", ROOT)
     for step in (0, 3, p.lr_steps - 1):
         assert spec.trial_config({"lr_step": step}).optimizer.lr == pytest.approx(p.lr(step))
+
+
+def test_every_strategy_is_a_valid_sweep_and_the_default_is_the_shipped_asha(bench):
+    """Each strategy's space passes the sweep's own validation and builds its Ray scheduler; the default's ASHA has
+    the shipped rungs (budget / 16 x 3^k), so the benchmark measures what ships."""
+    from sweeps.schedulers import scheduler
+    from sweeps.space import parse_space
+
+    p = bench.FULL
+    plan = bench.strategies(p, 16, quick=False)
+    assert {s.label for s in plan} >= {bench.DEFAULT, "random + FIFO", "random + ASHA", "TPE + HyperBand", "PBT"}
+    for s in plan:
+        spec = parse_space(p.space(s.search, s.scheduler, s.num_samples, live=s.live), s.label, ROOT)
+        assert scheduler(spec) is not None, s.label
+    default = next(s for s in plan if s.label == bench.DEFAULT)
+    asha = scheduler(parse_space(p.space(default.search, default.scheduler, 16), "d", ROOT))
+    assert [r for r, _ in asha._brackets[0]._rungs] == [225_000, 75_000, 25_000]
