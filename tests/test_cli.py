@@ -243,7 +243,6 @@ def test_lm_sweep_from_another_directory(tmp_path, ray_tmp):
         "--set", "stop.max_tokens=120000",
         "--set", "scheduler.grace_period=40000",
         "--set", "parameters.train.eval_interval_tokens.value=40000",
-        "--set", "parameters.optimizer.warmup_iters.max=10",  # the budget's fewest steps (batch 64): 14
     ]  # fmt: skip
     proc = subprocess.Popen(
         [script("lm-sweep"), *args],

@@ -235,10 +235,14 @@ def test_an_exploit_continues_the_donors_weights_bit_for_bit(sweeps, tmp_path):
     run, df = _finished(sweeps, "pbt")
     exp, space = run["exp"], run["space"]
     events = _events(exp)
-    exploited = set(events["trial"])
-    # A donor that never exploited anyone itself: its state at any step is its own config's run from scratch.
-    candidates = events[~events["from_trial"].isin(exploited)]
-    assert len(candidates), events[["trial", "from_trial"]]
+
+    # A donor that had not exploited anyone up to the exploited step: its state there is its own config's run from
+    # scratch (it may exploit others later). The first exploit of the sweep always qualifies.
+    def donor_untouched(e: pd.Series) -> bool:
+        return not ((events["trial"] == e["from_trial"]) & (events["at_step"] <= e["at_step"])).any()
+
+    candidates = events[events.apply(donor_untouched, axis=1)]
+    assert len(candidates), events[["trial", "from_trial", "at_step"]]
     event = candidates.iloc[0]
     trials = df.set_index("trial_id")
     donor_params = json.loads((Path(trials.loc[event["from_trial"], "trial_path"]) / "params.json").read_text())
