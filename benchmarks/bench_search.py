@@ -444,9 +444,10 @@ def estimated_wall(reports: pd.DataFrame, problem: Problem, grid: pd.DataFrame) 
     return total / problem.slots
 
 
-def run_live(strategy: Strategy, problem: Problem, storage: Path) -> tuple[pd.DataFrame, float]:
-    """Train a strategy for real with the driver (PBT: its exploits change a trial's learning rate mid-run);
-    the reports as `replay` gives them (the configuration a trial started with) and the measured wall time."""
+def run_live(strategy: Strategy, problem: Problem, storage: Path, best_mean: float) -> dict[str, Any]:
+    """Train a strategy for real with the driver (PBT: its exploits change a trial's learning rate mid-run). Its
+    result from the sweep's own results table: the best final val loss of the trials that completed the budget
+    (measured, one seed: no grid mean), its regret, the tokens trained, the trials and the measured wall time."""
     from sweeps.run_sweep import sweep
 
     space = problem.space(strategy.search, strategy.scheduler, strategy.num_samples, live=True)
@@ -456,26 +457,16 @@ def run_live(strategy: Strategy, problem: Problem, storage: Path) -> tuple[pd.Da
     t0 = time.perf_counter()
     result = sweep(path, storage_path=storage, max_concurrent=problem.slots, num_cpus=problem.slots)
     wall = time.perf_counter() - t0
-    hist = result.history
-    hist = hist[hist["val_loss"].notna()]
-    reports = pd.DataFrame(
-        {
-            "trial": hist["trial_id"],
-            "wall": hist["timestamp"].astype(float) + hist["elapsed_s"].astype(float) * 1e-6,  # seconds; ties kept
-            TOKENS: hist[TOKENS].astype(int),
-            "val_loss": hist["val_loss"].astype(float),
-        }
-    )
-    return reports.sort_values("wall", kind="stable"), wall
-
-
-def live_summary(reports: pd.DataFrame, problem: Problem, best_mean: float) -> dict[str, Any]:
-    """A live strategy's result: its best trial that trained the full budget, measured (one seed, no grid)."""
-    budget_end = problem.max_tokens - max(problem.batch_sizes) * 128
-    ends = reports.sort_values(TOKENS).groupby("trial").tail(1)
-    done = ends[ends[TOKENS] >= budget_end]
-    loss = float(done["val_loss"].min()) if not done.empty else float("nan")
-    return {"loss": loss, "regret_pct": 100 * (loss / best_mean - 1), "tokens": int(ends[TOKENS].sum())}
+    df = result.dataframe
+    loss = float(df[df["status"] == "completed"][result.final_column].min())  # NaN when none completed
+    return {
+        "trials": len(df),
+        "loss": loss,
+        "regret_pct": 100 * (loss / best_mean - 1),
+        "tokens": int(df[TOKENS].sum()),
+        "wall_s": wall,
+        "replay_s": wall,
+    }
 
 
 def regret_at(prog: pd.DataFrame, tokens: float, best_mean: float) -> float:
@@ -622,23 +613,12 @@ def main() -> None:
             ray.shutdown()
         for strategy in [s for s in plan if s.live and not args.skip_live]:
             for seed in range(seeds):
-                reports, wall = run_live(strategy.seeded(seed), problem, Path(tmp))
-                summary = live_summary(reports, problem, best_mean)
+                summary = run_live(strategy.seeded(seed), problem, Path(tmp), best_mean)
                 points.setdefault(strategy.label, []).append((summary["tokens"], summary["regret_pct"]))
-                runs.append(
-                    {
-                        "strategy": strategy.label,
-                        "group": strategy.group,
-                        "seed": seed,
-                        "trials": reports["trial"].nunique(),
-                        **summary,
-                        "wall_s": wall,
-                        "replay_s": wall,
-                    }
-                )
+                runs.append({"strategy": strategy.label, "group": strategy.group, "seed": seed, **summary})
                 print(
                     f"{strategy.label} seed {seed}: regret {summary['regret_pct']:.2f}%, "
-                    f"{summary['tokens'] / 1e6:.2f} M tokens, {wall:.0f} s",
+                    f"{summary['tokens'] / 1e6:.2f} M tokens, {summary['wall_s']:.0f} s",
                     flush=True,
                 )
 
