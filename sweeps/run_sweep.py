@@ -178,7 +178,7 @@ def storage_root(text: str) -> tuple[str, Path | None]:
 
     A local path or a file:// URI becomes an absolute directory; any other URI must name a filesystem that the
     installed pyarrow serves (s3://, gs://, hdfs://, abfs://, ...). Checked without contacting any server
-    (`check_uri_writable` does, in `prepare`). Raises SweepInputError.
+    (`check_storage_writable` does, in `prepare`). Raises SweepInputError.
     """
     scheme, sep, _ = text.partition("://")
     if sep and scheme in ("file", "local"):
@@ -219,9 +219,13 @@ def check_writable(path: Path) -> None:
         raise SweepInputError(f"{path}: --storage-path is not writable ({e.strerror})") from None
 
 
-def check_uri_writable(storage: str) -> None:
-    """Write and delete a probe object under the storage URI `storage`; raises SweepInputError, one line naming
-    the cause (missing bucket, rejected or missing credentials, access denied, unreachable), before Ray starts."""
+def check_storage_writable(storage: str, local_root: Path | None) -> None:
+    """Before Ray starts: a local storage root must be writable (`check_writable`); under a remote URI a probe
+    object is written and deleted. Raises SweepInputError, one line naming the cause (missing bucket, rejected or
+    missing credentials, access denied, unreachable)."""
+    if local_root is not None:
+        check_writable(local_root)
+        return
     try:
         check_writable_uri(storage)
     except StorageError as e:
@@ -261,18 +265,12 @@ def prepare(args: argparse.Namespace) -> tuple[SweepSpec, str, Path, str]:
         spec = load_space(saved if saved.is_file() else find_space(args.space), sets)
         if local_ray:
             check_local_resources(spec, args.num_cpus)
-        if local_root is not None:
-            check_writable(local_root)
-        else:
-            check_uri_writable(storage)
+        check_storage_writable(storage, local_root)
         return spec, storage, exp_dir, args.name
     spec = load_space(find_space(args.space), sets)
     if local_ray:
         check_local_resources(spec, args.num_cpus)
-    if local_root is not None:
-        check_writable(local_root)
-    else:
-        check_uri_writable(storage)
+    check_storage_writable(storage, local_root)
     name = args.name or spec.name
     exp_dir = results_root / name
     if local_root is not None and (exp_dir / META_FILE).exists():

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from lm.fields import ConfigError
 from lm.record import Key
+from sweeps.ray_compat import TRAINING_ITERATION
 
 if TYPE_CHECKING:
     from sweeps.space import Param, SweepSpec
@@ -47,12 +48,12 @@ TimeAttr = Literal[Key.tokens_seen, Key.step, "training_iteration"]  # the last:
 Fail = Callable[[str, str, Any], NoReturn]  # fail(key, expected, got): raises the space file's one-line error
 
 POPULATION = ("pbt", "pb2")
+"""The schedulers that move checkpoints between trials."""
 STOPPING = ("asha", "hyperband", "median")
+"""The schedulers that stop trials early (from grace_period on)."""
 GRACE_DIVISOR = 16
 """grace_period: null is the budget / GRACE_DIVISOR (benchmarks/bench_search.py: 1/16 stopped no eventual winner at
 reduction factor 3, for the fewest tokens of 1/16, 1/8 and 1/4)."""
-TRAINING_ITERATION = "training_iteration"
-"""The schedulers that move checkpoints between trials."""
 PERTURBABLE_SECTION = "optimizer."
 """PBT/PB2 perturb only fields of this config section (see the module docstring)."""
 RANGES = ("log_uniform_values", "uniform", "q_uniform", "int_uniform")
